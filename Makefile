@@ -1,0 +1,33 @@
+# `make demo` and `make test` each create .venv when it is missing, install the project, then run.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+# A CPU build of torch lies on these machines' disk; installing it first keeps pip from pulling a CUDA build.
+TORCH   ?= torch==2.13.0
+
+.PHONY: demo test test-all lint bench clean install
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH)"
+	$(VPY) -m pip install -q -e ".[dev,peft]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/zoo train configs/attention.yaml --task configs/tasks/mqar.yaml --out runs/demo
+
+test: $(STAMP)
+	$(VPY) -m pytest -x -q -p no:cacheprovider tests
+
+test-all: $(STAMP)
+	$(VPY) -m pytest -q -p no:cacheprovider -m "" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,62 @@
+"""RMSNorm and gated RMSNorm."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, returned in x's dtype."""
+    dtype = x.dtype
+    x32 = x.float()
+    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(dtype)
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * weight`` over the last dim (eps 1e-5 by default)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+        if self.weight is not None:
+            self.weight._no_weight_decay = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class GatedRMSNorm(nn.Module):
+    """Gated RMSNorm (Mamba-2, MoM, HGRN).
+
+    ``norm_before_gate=False``: ``RMSNorm(y * silu(z))``; ``True``: ``RMSNorm(y) * silu(z)``.
+    ``group_size`` normalises groups of that many channels separately (per head), default the whole dim.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, norm_before_gate: bool = False, group_size: int | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.norm_before_gate = norm_before_gate
+        self.group_size = group_size or dim
+        if dim % self.group_size:
+            raise ValueError(f"GatedRMSNorm: group_size {self.group_size} must divide dim {dim}.")
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight._no_weight_decay = True
+
+    def _norm(self, y: torch.Tensor) -> torch.Tensor:
+        shape = y.shape
+        y = y.reshape(*shape[:-1], -1, self.group_size)
+        y = rms_norm(y, None, self.eps).reshape(shape)
+        return y * self.weight.to(y.dtype)
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        if z is None:
+            return self._norm(y)
+        if self.norm_before_gate:
+            return self._norm(y) * F.silu(z)
+        return self._norm(y * F.silu(z))

@@ -1,7 +1,16 @@
-"""seq-zoo: efficient sequence architectures behind one block interface and one HF model family."""
+"""seq-zoo: efficient sequence architectures behind one block interface and one HF model family.
 
+Importing ``zoo`` registers ``ZooConfig`` and the ``Zoo*`` models with transformers' Auto* factories.
+"""
+
+from zoo import models  # noqa: F401  (registers the Auto* classes)
+from zoo.config import ConfigError, RunConfig, build_model, load_config
+from zoo.models import ZooConfig, ZooForCausalLM, ZooForSequenceClassification, ZooModel
 from zoo.registry import get_mixer, list_mixers, register_mixer
 
 __version__ = "0.1.0"
 
-__all__ = ["get_mixer", "list_mixers", "register_mixer", "__version__"]
+__all__ = [
+    "ConfigError", "RunConfig", "ZooConfig", "ZooForCausalLM", "ZooForSequenceClassification", "ZooModel",
+    "__version__", "build_model", "get_mixer", "list_mixers", "load_config", "register_mixer",
+]

@@ -9,9 +9,11 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
+import warnings
 from typing import Callable
 
 _MIXERS: dict[str, type] = {}
+_FAILED: dict[str, str] = {}
 _loaded = False
 
 
@@ -37,7 +39,11 @@ def _load_builtin() -> None:
 
     for info in pkgutil.iter_modules(pkg.__path__):
         if not info.name.startswith("_") and info.name != "base":
-            importlib.import_module(f"zoo.mixers.{info.name}")
+            try:
+                importlib.import_module(f"zoo.mixers.{info.name}")
+            except Exception as e:  # one broken module must not take the others down; get_mixer reports it
+                _FAILED[info.name] = f"{type(e).__name__}: {e}"
+                warnings.warn(f"zoo: mixer module zoo.mixers.{info.name} failed to import ({_FAILED[info.name]}).", stacklevel=2)
 
 
 def list_mixers() -> list[str]:
@@ -52,5 +58,6 @@ def get_mixer(name: str) -> type:
     if name not in _MIXERS:
         close = difflib.get_close_matches(str(name), list(_MIXERS), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise KeyError(f"unknown mixer {name!r}.{hint} Registered mixers: {', '.join(sorted(_MIXERS))}.")
+        failed = f" (modules that failed to import: {'; '.join(f'{k}: {v}' for k, v in _FAILED.items())})" if _FAILED else ""
+        raise KeyError(f"unknown mixer {name!r}.{hint} Registered mixers: {', '.join(sorted(_MIXERS))}.{failed}")
     return _MIXERS[name]

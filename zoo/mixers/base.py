@@ -19,15 +19,17 @@ Conventions shared by all mixers:
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
+
 import torch
 from torch import nn
 
-from zoo.models.cache import get_state, set_state
+from zoo.models.cache import RecurrentStateLayer, get_state, set_state
 
 State = dict[str, torch.Tensor]
 
 
-class Mixer(nn.Module):
+class Mixer(nn.Module, metaclass=ABCMeta):
     """Base class of every mixer. Subclasses set ``causal`` and implement forward, step, state_size."""
 
     causal: bool = True
@@ -43,6 +45,7 @@ class Mixer(nn.Module):
         self.aux_loss: torch.Tensor | None = None
 
     # ----- what a mixer implements -------------------------------------------------------------
+    @abstractmethod
     def forward(
         self,
         x: torch.Tensor,
@@ -51,7 +54,7 @@ class Mixer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:  # (B, L, D) -> (B, L, D)
-        raise NotImplementedError
+        """Parallel path (training, prefill); with ``cache`` it continues from and updates the layer's state."""
 
     def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One token: ``x (B, D)`` and the state after the prefix -> ``y (B, D)`` and the new state."""
@@ -64,9 +67,16 @@ class Mixer(nn.Module):
         """The state before any token (zeros)."""
         raise RuntimeError(f"mixer {self.mixer_name!r} has no recurrent state.")
 
-    def state_size(self) -> int:
-        """Floats of recurrent state per sequence (complex counts 2). Attention returns 0 (unbounded KV)."""
-        raise NotImplementedError
+    @abstractmethod
+    def state_size(self, seq_len: int | None = None) -> int:
+        """Floats of recurrent state per sequence (a complex number counts 2).
+
+        Recurrent mixers ignore ``seq_len``; attention reports its KV cache at that length (per token if None).
+        """
+
+    def cache_layer(self):
+        """The transformers cache layer that holds this mixer's decoding state."""
+        return RecurrentStateLayer()
 
     # ----- parameters shared across layers (e.g. HGRN's layer-wise lower bound) --------------------
     @classmethod
@@ -89,6 +99,7 @@ class RecurrentMixer(Mixer):
     a single token with a cached state takes the O(1) step path, and padded decode tokens keep the state.
     """
 
+    @abstractmethod
     def scan(
         self,
         x: torch.Tensor,
@@ -99,7 +110,14 @@ class RecurrentMixer(Mixer):
         return_state: bool = False,
     ) -> tuple[torch.Tensor, State | None]:
         """Parallel/chunked path. ``mask (B, L)`` bool/0-1 or None. Returns ``y`` and, if asked, the final state."""
-        raise NotImplementedError
+
+    @abstractmethod
+    def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One token: ``x (B, D)`` and the state after the prefix -> ``y (B, D)`` and the new state."""
+
+    @abstractmethod
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
+        """The state before any token (zeros)."""
 
     def forward(self, x, *, cache=None, attention_mask=None, cu_seqlens=None):
         L = x.shape[1]

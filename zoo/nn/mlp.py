@@ -39,3 +39,19 @@ class GeluMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.gelu(self.w1(x)))
+
+
+MLP_KINDS = ("swiglu", "gelu", "none", "moe")
+
+
+def build_mlp(kind: str, d_model: int, *, hidden: int | None = None, moe: dict | None = None) -> nn.Module:
+    """The MLP of a block by kind name (``none`` is handled by the caller: no MLP)."""
+    if kind == "swiglu":
+        return SwiGLU(d_model, hidden)
+    if kind == "gelu":
+        return GeluMLP(d_model, hidden)
+    if kind == "moe":
+        from zoo.nn.moe import MoE
+
+        return MoE(d_model, hidden=hidden, **(moe or {}))
+    raise ValueError(f"unknown mlp kind {kind!r}; choose one of {', '.join(MLP_KINDS)}.")

@@ -13,14 +13,15 @@ class Rotary(nn.Module):
         super().__init__()
         if dim % 2:
             raise ValueError(f"rotary dim must be even, got {dim}.")
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # No buffer: from_pretrained builds models on the meta device and would leave a non-persistent one empty.
+        self.dim, self.base = dim, base
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``positions (B, L)`` or ``(L,)`` -> cos, sin of shape ``(B|1, L, 1, dim)`` in float32."""
         if positions.dim() == 1:
             positions = positions[None]
-        freqs = positions.float()[..., None] * self.inv_freq.to(positions.device)  # (B, L, dim/2)
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=positions.device, dtype=torch.float32) / self.dim))
+        freqs = positions.float()[..., None] * inv_freq  # (B, L, dim/2)
         emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
         return emb.cos(), emb.sin()
 

@@ -1,0 +1,336 @@
+"""YAML / dict -> validated run config, with clear one-sentence errors naming the key path.
+
+A run config has three sections: ``model`` (-> :class:`zoo.models.ZooConfig`), ``train`` and ``task``
+(dataclasses in ``zoo.train.config``). Several sources are deep-merged in order, then ``key.path=value``
+overrides (values parsed as YAML) are applied, then everything is validated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+SECTIONS = ("model", "train", "task")
+MODEL_KEYS = {
+    "vocab_size": int, "d_model": int, "n_layers": int, "pattern": list | None, "layers": list | None,
+    "mixers": dict | None, "mlp": str, "mlp_hidden": int | None, "moe": dict | None, "norm_eps": float,
+    "tie_word_embeddings": bool, "initializer_range": float, "rescale_prenorm_residual": bool,
+    "pooling": Literal["auto", "last", "mean"], "num_labels": int,
+    "pad_token_id": int | None, "bos_token_id": int | None, "eos_token_id": int | None,
+}
+MODEL_ALIASES = {"tie_embeddings": "tie_word_embeddings"}
+
+
+class ConfigError(ValueError):
+    """A config problem, stated in one sentence naming the key path and the fix."""
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """A validated run: the model config, the training and the task settings, and where they came from."""
+
+    model: Any  # zoo.models.ZooConfig
+    train: Any  # zoo.train.config.TrainConfig
+    task: Any  # zoo.train.config.TaskConfig
+    source: list[str]
+    raw: dict
+
+    def to_dict(self) -> dict:
+        """The merged, override-applied config as plain data (what ``zoo_run.yaml`` stores)."""
+        return {
+            "model": self.raw.get("model", {}),
+            "train": dataclasses.asdict(self.train),
+            "task": dataclasses.asdict(self.task),
+        }
+
+
+# ----- reading ---------------------------------------------------------------------------------------
+
+def _suggest(key: str, allowed) -> str:
+    close = difflib.get_close_matches(str(key), [str(a) for a in allowed], n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def resolve_path(name: str | Path) -> Path:
+    """A config path; a bare name like ``mamba`` or ``tasks/mqar`` is looked up in the repo's ``configs/``."""
+    p = Path(name)
+    if p.exists():
+        return p
+    for cand in (CONFIG_DIR / f"{name}.yaml", CONFIG_DIR / f"{name}"):
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"config file {str(name)!r} not found; pass an existing YAML path (or a name from {CONFIG_DIR}).")
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read one YAML mapping with clear errors for a missing file or bad syntax."""
+    p = resolve_path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{p}: YAML syntax error{where}: {problem}; fix the file's syntax.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping with sections {', '.join(SECTIONS)}, got {type(data).__name__}.")
+    return data
+
+
+def deep_merge(base: dict, other: dict) -> dict:
+    """``other`` merged into a copy of ``base`` (mappings recursively, everything else replaced)."""
+    out = dict(base)
+    for k, v in other.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Apply ``a.b.c=value`` strings (values parsed as YAML) to a nested dict."""
+    data = deep_merge(data, {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value (e.g. train.lr=1e-3).")
+        key, _, raw = item.partition("=")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section; check the key path.")
+        node[parts[-1]] = value
+    return data
+
+
+# ----- type checking -------------------------------------------------------------------------------
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def check_value(value, tp, path: str):
+    """Return ``value`` converted to annotation ``tp`` (int->float, '1e-3'->float) or raise ConfigError."""
+    if tp is Any or tp is inspect.Parameter.empty:
+        return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        for a in args:
+            try:
+                return check_value(value, a, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}.")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{path}: {value!r} is not allowed; choose {_type_name(tp)}.{_suggest(value, args)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{path}: expected null, got {value!r}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp in (list, tuple) or origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            if args and args[-1] is not Ellipsis:
+                return [check_value(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+            if args:
+                return [check_value(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+            return list(value)
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    else:
+        return value
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}.")
+
+
+def validate_dataclass(cls, data: dict | None, path: str):
+    """Build dataclass ``cls`` from ``data``: unknown keys (with a suggestion) and wrong types fail clearly."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"{path}.{key}: unknown key.{_suggest(key, names)} Allowed: {', '.join(names)}.")
+        kwargs[key] = check_value(value, hints[key], f"{path}.{key}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+# ----- the model section ---------------------------------------------------------------------------
+
+def mixer_schema(cls) -> dict[str, Any]:
+    """Keyword arguments a mixer accepts from config, with their annotations."""
+    hints = typing.get_type_hints(cls.__init__)
+    sig = inspect.signature(cls.__init__)
+    return {
+        n: hints.get(n, Any)
+        for n, p in sig.parameters.items()
+        if p.kind == p.KEYWORD_ONLY and n != "layer_idx"
+    }
+
+
+def validate_mixer_kwargs(name: str, kwargs: dict, path: str) -> dict:
+    """Check one mixer's kwargs against its constructor signature."""
+    from zoo.registry import get_mixer
+
+    try:
+        cls = get_mixer(name)
+    except KeyError as e:
+        raise ConfigError(f"{path}: {e.args[0]}") from None
+    schema = mixer_schema(cls)
+    out = {}
+    for key, value in (kwargs or {}).items():
+        if key not in schema:
+            raise ConfigError(
+                f"{path}.{key}: unknown option for mixer {name!r}.{_suggest(key, schema)} Allowed: {', '.join(schema)}."
+            )
+        out[key] = check_value(value, schema[key], f"{path}.{key}")
+    return out
+
+
+def validate_model(data: dict | None, path: str = "model"):
+    """Validate the model section and return a :class:`zoo.models.ZooConfig`."""
+    import torch
+
+    from zoo.models import ZooConfig
+    from zoo.nn.mlp import MLP_KINDS
+    from zoo.registry import get_mixer
+
+    data = dict(data or {})
+    for alias, real in MODEL_ALIASES.items():
+        if alias in data:
+            data[real] = data.pop(alias)
+    clean = {}
+    for key, value in data.items():
+        if key not in MODEL_KEYS:
+            raise ConfigError(f"{path}.{key}: unknown key.{_suggest(key, MODEL_KEYS)} Allowed: {', '.join(MODEL_KEYS)}.")
+        clean[key] = check_value(value, MODEL_KEYS[key], f"{path}.{key}")
+    for key in ("vocab_size", "d_model", "n_layers"):
+        if key in clean and clean[key] < 1:
+            raise ConfigError(f"{path}.{key}: must be a positive integer, got {clean[key]}.")
+    mixers = clean.get("mixers") or {}
+    for name, kw in mixers.items():
+        if not isinstance(kw, dict):
+            raise ConfigError(f"{path}.mixers.{name}: expected a mapping of options, got {kw!r}.")
+        clean["mixers"][name] = validate_mixer_kwargs(name, kw, f"{path}.mixers.{name}")
+    for i, name in enumerate(clean.get("pattern") or []):
+        validate_mixer_kwargs(name, {}, f"{path}.pattern[{i}]")
+    if clean.get("mlp", "swiglu") not in MLP_KINDS:
+        raise ConfigError(f"{path}.mlp: {clean['mlp']!r} is not an MLP kind; choose one of {', '.join(MLP_KINDS)}.")
+    layers = clean.get("layers") or []
+    for i, spec in enumerate(layers):
+        p = f"{path}.layers[{i}]"
+        if isinstance(spec, str):
+            spec = {"mixer": spec}
+        if not isinstance(spec, dict) or "mixer" not in spec:
+            raise ConfigError(f"{p}: each layer needs a 'mixer' name, e.g. {{mixer: mamba}}.")
+        spec = dict(spec)
+        name = spec.pop("mixer")
+        kind = spec.pop("mlp", clean.get("mlp", "swiglu"))
+        if kind not in MLP_KINDS:
+            raise ConfigError(f"{p}.mlp: {kind!r} is not an MLP kind; choose one of {', '.join(MLP_KINDS)}.")
+        validate_mixer_kwargs(name, {**spec.pop("kwargs", {}), **spec}, p)
+    try:
+        config = ZooConfig(**clean)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    # Build each distinct layer on the meta device: impossible shapes fail now, naming the layer.
+    seen = set()
+    for i, spec in enumerate(config.layers):
+        key = (spec["mixer"], repr(sorted(spec["kwargs"].items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        with torch.device("meta"):
+            try:
+                get_mixer(spec["mixer"])(config.d_model, layer_idx=i, **spec["kwargs"])
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"{path}.layers[{i}] ({spec['mixer']}): {e}") from None
+    return config
+
+
+# ----- entry points ----------------------------------------------------------------------------------
+
+def load_config(source, overrides: list[str] | None = None) -> RunConfig:
+    """Load and validate a run config from a path, a dict, or a list of them (deep-merged in order)."""
+    from zoo.train.config import TaskConfig, TrainConfig
+
+    sources = source if isinstance(source, (list, tuple)) else [source]
+    merged: dict = {}
+    names = []
+    for s in sources:
+        if isinstance(s, dict):
+            merged = deep_merge(merged, s)
+            names.append("<dict>")
+        else:
+            merged = deep_merge(merged, read_yaml(s))
+            names.append(str(s))
+    merged = apply_overrides(merged, overrides)
+    for key in merged:
+        if key not in SECTIONS:
+            raise ConfigError(f"{key}: unknown top-level section.{_suggest(key, SECTIONS)} Allowed: {', '.join(SECTIONS)}.")
+    model = validate_model(merged.get("model"), "model")
+    train = validate_dataclass(TrainConfig, merged.get("train"), "train")
+    task = validate_dataclass(TaskConfig, merged.get("task"), "task")
+    return RunConfig(model=model, train=train, task=task, source=names, raw=merged)
+
+
+def build_model(config, *, head: str = "causal_lm"):
+    """A freshly initialised model from a RunConfig, ZooConfig, dict or path.
+
+    ``head``: ``causal_lm`` (ZooForCausalLM), ``classification`` (ZooForSequenceClassification) or ``base`` (ZooModel).
+    """
+    from zoo.models import ZooConfig, ZooForCausalLM, ZooForSequenceClassification, ZooModel
+
+    if isinstance(config, RunConfig):
+        model_cfg = config.model
+    elif isinstance(config, ZooConfig):
+        model_cfg = config
+    elif isinstance(config, dict) and "model" not in config:
+        model_cfg = validate_model(config)
+    else:
+        model_cfg = validate_model((read_yaml(config) if not isinstance(config, dict) else config).get("model"))
+    classes = {"causal_lm": ZooForCausalLM, "classification": ZooForSequenceClassification, "base": ZooModel}
+    if head not in classes:
+        raise ValueError(f"build_model: unknown head {head!r}; choose one of {', '.join(classes)}.")
+    return classes[head](model_cfg)

@@ -1,0 +1,73 @@
+"""``ZooConfig``: one Hugging Face config for every architecture and any mix of mixers."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+
+class ZooConfig(PreTrainedConfig):
+    """Vocabulary, width and the list of layers (each: mixer name + mixer kwargs + MLP kind).
+
+    Layers are given either as ``pattern`` (mixer names repeated to ``n_layers``, as in Samba's
+    ``[mamba, attention]``) with per-mixer kwargs in ``mixers``, or as an explicit ``layers`` list of
+    ``{"mixer": name, "mlp": kind, <mixer kwargs>}``. After construction ``layers`` always holds the
+    resolved form ``{"mixer", "mlp", "kwargs"}``, so a saved config is self-contained.
+    """
+
+    model_type = "zoo"
+
+    vocab_size: int = 8192
+    d_model: int = 128
+    n_layers: int = 2
+    pattern: list | None = None
+    layers: list | None = None
+    mixers: dict | None = None
+    mlp: str = "swiglu"
+    mlp_hidden: int | None = None
+    moe: dict | None = None
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    rescale_prenorm_residual: bool = True
+    pooling: str = "auto"
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    use_cache: bool = True
+
+    def __post_init__(self, **kwargs):
+        self.layers = resolve_layers(self.n_layers, self.pattern, self.layers, self.mixers or {}, self.mlp)
+        self.n_layers = len(self.layers)
+        super().__post_init__(**kwargs)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.d_model
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.n_layers
+
+    @property
+    def mixer_names(self) -> list[str]:
+        return [spec["mixer"] for spec in self.layers]
+
+
+def resolve_layers(n_layers: int, pattern: list | None, layers: list | None, mixers: dict, mlp: str) -> list[dict]:
+    """Expand ``pattern``/``layers`` into ``[{"mixer": name, "mlp": kind, "kwargs": {...}}] * n_layers``."""
+    if layers:
+        out = []
+        for spec in layers:
+            if isinstance(spec, str):
+                spec = {"mixer": spec}
+            spec = dict(spec)
+            name = spec.pop("mixer")
+            kind = spec.pop("mlp", mlp)
+            kwargs = {**mixers.get(name, {}), **spec.pop("kwargs", {}), **spec}
+            out.append({"mixer": name, "mlp": kind, "kwargs": kwargs})
+        return out
+    pattern = list(pattern or ["attention"])
+    return [
+        {"mixer": pattern[i % len(pattern)], "mlp": mlp, "kwargs": dict(mixers.get(pattern[i % len(pattern)], {}))}
+        for i in range(n_layers)
+    ]

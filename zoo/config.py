@@ -257,6 +257,19 @@ def validate_model(data: dict | None, path: str = "model"):
         validate_mixer_kwargs(name, {}, f"{path}.pattern[{i}]")
     if clean.get("mlp", "swiglu") not in MLP_KINDS:
         raise ConfigError(f"{path}.mlp: {clean['mlp']!r} is not an MLP kind; choose one of {', '.join(MLP_KINDS)}.")
+    if clean.get("moe"):
+        from zoo.nn.moe import MoE
+
+        schema = {k: v for k, v in mixer_schema(MoE).items() if k != "hidden"}
+        for key, value in clean["moe"].items():
+            if key not in schema:
+                raise ConfigError(f"{path}.moe.{key}: unknown MoE option.{_suggest(key, schema)} Allowed: {', '.join(schema)}.")
+            clean["moe"][key] = check_value(value, schema[key], f"{path}.moe.{key}")
+        try:
+            with torch.device("meta"):
+                MoE(1, **clean["moe"])
+        except ValueError as e:
+            raise ConfigError(f"{path}.moe: {e}") from None
     layers = clean.get("layers") or []
     for i, spec in enumerate(layers):
         p = f"{path}.layers[{i}]"

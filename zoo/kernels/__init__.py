@@ -1,8 +1,9 @@
 """Fused sequence kernels. Each op is a folder with ``reference.py`` (pure torch, the oracle),
 a fast torch path, ``triton.py`` (forward + backward) and a public function that dispatches on ``backend``.
 
-Functions are imported lazily so that ``import zoo.kernels`` stays cheap and one broken backend
-cannot break the others.
+The public functions share their names with their folders, so they are bound here eagerly: once
+``zoo.kernels.linear_scan`` the package has been imported, ``zoo.kernels.linear_scan`` is the function.
+Triton itself is imported only when a Triton backend runs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ _EXPORTS = {
 __all__ = [*_EXPORTS, "resolve_backend", "triton_available"]
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'zoo.kernels' has no attribute {name!r}")
+def _bind() -> None:
+    for name, module in _EXPORTS.items():
+        try:
+            globals()[name] = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            # Not built (yet) in this checkout: leave the name unbound so an import names what is missing.
+            globals().pop(name, None)
+
+
+_bind()

@@ -140,3 +140,26 @@ def test_state_size_of_attention_counts_kv():
     assert mixer.state_size(10) == 2 * 2 * 8 * 10
     windowed = zoo.get_mixer("attention")(32, n_heads=4, window=4)
     assert windowed.state_size(100) == 2 * 4 * 8 * 4
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_sliding_window_block_prefill_matches_dense_reference(padded):
+    torch.manual_seed(0)
+    attn = zoo.get_mixer("attention")(32, n_heads=4, n_kv_heads=2, window=5, rope=False).eval()
+    x = torch.randn(2, 23, 32)
+    mask = torch.ones(2, 23, dtype=torch.long)
+    if padded:
+        mask[1, :6] = 0
+    with torch.no_grad():
+        out = attn(x, attention_mask=mask if padded else None)
+        q = attn.q_proj(x).view(2, 23, 4, 8).transpose(1, 2)
+        k = attn.k_proj(x).view(2, 23, 2, 8).transpose(1, 2).repeat_interleave(2, 1)
+        v = attn.v_proj(x).view(2, 23, 2, 8).transpose(1, 2).repeat_interleave(2, 1)
+        i, j = torch.arange(23)[:, None], torch.arange(23)[None]
+        allowed = (j <= i) & (i - j < 5) & mask.bool()[:, None, None, :]
+        allowed = allowed | (i == j)
+        scores = (q @ k.transpose(-1, -2)) / 8**0.5
+        ref = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v
+        ref = attn.o_proj(ref.transpose(1, 2).reshape(2, 23, 32))
+    rows = slice(6, None) if padded else slice(None)
+    torch.testing.assert_close(out[:, rows], ref[:, rows], rtol=1e-4, atol=1e-5)

@@ -93,34 +93,43 @@ class Attention(Mixer):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, T, K): cached (window-trimmed) + new
         T = k.shape[2]
-        mask = self._mask(B, L, T, attention_mask, cu_seqlens, x.device)
         gqa = self.n_kv_heads != self.n_heads
-        if mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and L > 1, enable_gqa=gqa)
+        qi = torch.arange(L, device=x.device) + (T - L)  # absolute query index in the key frame
+        if self.window is not None and L > self.window:
+            # Long prefill with a sliding window: query blocks of `window` rows see at most 2*window keys,
+            # so time and memory grow linearly in L.
+            W, outs = self.window, []
+            for s in range(0, L, W):
+                rows = qi[s : s + W]
+                k0, k1 = max(0, int(rows[0]) - W + 1), int(rows[-1]) + 1
+                cols = torch.arange(k0, k1, device=x.device)
+                mask = self._mask(B, rows, cols, T, attention_mask, cu_seqlens)
+                outs.append(F.scaled_dot_product_attention(
+                    q[:, :, s : s + W], k[:, :, k0:k1], v[:, :, k0:k1], attn_mask=mask, enable_gqa=gqa))
+            o = torch.cat(outs, dim=2)
         else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            plain = attention_mask is None and cu_seqlens is None and (self.window is None or T <= self.window)
+            if plain and (T == L or not self.causal or L == 1):
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and L > 1, enable_gqa=gqa)
+            else:
+                mask = self._mask(B, qi, torch.arange(T, device=x.device), T, attention_mask, cu_seqlens)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(o.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
 
-    def _mask(self, B, L, T, attention_mask, cu_seqlens, device) -> torch.Tensor | None:
-        """Boolean ``(B, 1, L, T)`` mask (True = attend), or None for the plain causal/full case."""
-        plain = attention_mask is None and cu_seqlens is None and (self.window is None or T <= self.window)
-        if plain and (T == L or not self.causal or L == 1):
-            return None
-        qi = torch.arange(L, device=device)[:, None] + (T - L)  # absolute query index in the key frame
-        kj = torch.arange(T, device=device)[None, :]
-        mask = torch.ones(L, T, dtype=torch.bool, device=device)
-        if self.causal:
-            mask = kj <= qi
+    def _mask(self, B, qi, kj, T, attention_mask, cu_seqlens) -> torch.Tensor:
+        """Boolean ``(B, 1, len(qi), len(kj))`` mask (True = attend) for query rows ``qi`` and key columns ``kj``."""
+        q, k = qi[:, None], kj[None, :]
+        mask = k <= q if self.causal else torch.ones(len(qi), len(kj), dtype=torch.bool, device=qi.device)
         if self.window is not None:
-            mask = mask & (qi - kj < self.window)
-        mask = mask[None, None].expand(B, 1, L, T)
+            mask = mask & (q - k < self.window)
+        mask = mask[None, None].expand(B, 1, *mask.shape)
         if cu_seqlens is not None:
             seg = torch.repeat_interleave(
-                torch.arange(len(cu_seqlens) - 1, device=device), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+                torch.arange(len(cu_seqlens) - 1, device=qi.device), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
             )
-            mask = mask & (seg[:, None] == seg[None, :])[None, None]
+            mask = mask & (seg[qi][:, None] == seg[kj][None, :])[None, None]
         if attention_mask is not None:
-            mask = mask & attention_mask[:, None, None, -T:].bool()
+            mask = mask & attention_mask[:, -T:][:, kj].bool()[:, None, None, :]
             # A padded query row would see no key (NaN); let it see itself. Its output is never used.
-            mask = mask | (kj == qi)[None, None]
+            mask = mask | (k == q)[None, None]
         return mask

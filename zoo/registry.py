@@ -10,7 +10,7 @@ import difflib
 import importlib
 import pkgutil
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 _MIXERS: dict[str, type] = {}
 _FAILED: dict[str, str] = {}

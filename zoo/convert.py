@@ -1,0 +1,199 @@
+"""Convert Mamba / Mamba-2 checkpoints into zoo checkpoints that ``AutoModelForCausalLM`` loads.
+
+Two source layouts are understood:
+
+* transformers' ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` (``backbone.embeddings``, config ``model_type``
+  ``mamba`` / ``mamba2``);
+* the original ``mamba_ssm`` ``MambaLMHeadModel`` (``backbone.embedding``, config with ``d_model``,
+  ``n_layer``, ``ssm_cfg``; Mamba-1 or Mamba-2 layers, optional gated MLP).
+
+Weights are read from safetensors when present; a ``pytorch_model.bin`` is read with
+``torch.load(weights_only=True)``, which refuses anything but tensors. The result is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+
+
+class ConversionError(ValueError):
+    """The source is not a checkpoint this converter understands; the message says what to pass."""
+
+
+def _read_state_dict(src: Path) -> dict[str, torch.Tensor]:
+    if (src / "model.safetensors").exists():
+        return load_file(src / "model.safetensors")
+    index = src / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        out: dict[str, torch.Tensor] = {}
+        for f in files:
+            out.update(load_file(src / f))
+        return out
+    if (src / "pytorch_model.bin").exists():
+        return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ConversionError(f"{src}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin found.")
+
+
+def detect_format(config: dict) -> str:
+    """``hf-mamba``, ``hf-mamba2`` or ``mamba_ssm`` from a checkpoint's config.json."""
+    if config.get("model_type") == "mamba":
+        return "hf-mamba"
+    if config.get("model_type") == "mamba2":
+        return "hf-mamba2"
+    if {"d_model", "n_layer"} <= set(config):
+        return "mamba_ssm"
+    raise ConversionError(
+        "config.json is neither a transformers Mamba/Mamba-2 config (model_type 'mamba'/'mamba2') nor a mamba_ssm "
+        "config (d_model, n_layer, ssm_cfg); pass a Mamba checkpoint directory."
+    )
+
+
+def _hf_mamba_config(c: dict) -> tuple[dict, dict]:
+    kwargs = {
+        "d_state": c.get("state_size", 16), "d_conv": c.get("conv_kernel", 4), "expand": c.get("expand", 2),
+        "dt_rank": c.get("time_step_rank", "auto") if c.get("time_step_rank", "auto") != "auto" else None,
+        "conv_bias": c.get("use_conv_bias", True), "bias": c.get("use_bias", False),
+    }
+    model = {"d_model": c["hidden_size"], "n_layers": c["num_hidden_layers"], "vocab_size": c["vocab_size"],
+             "norm_eps": c.get("layer_norm_epsilon", 1e-5), "tie_word_embeddings": c.get("tie_word_embeddings", True)}
+    return model, {"mamba": {k: v for k, v in kwargs.items() if v is not None}}
+
+
+def _as_float(v) -> float:
+    # transformers writes non-finite floats into config.json as {"__float__": "Infinity"}.
+    return float(v["__float__"]) if isinstance(v, dict) else float(v)
+
+
+def _hf_mamba2_config(c: dict) -> tuple[dict, dict]:
+    kwargs = {
+        "d_state": c.get("state_size", 128), "d_conv": c.get("conv_kernel", 4), "expand": c.get("expand", 2),
+        "headdim": c.get("head_dim", 64), "ngroups": c.get("n_groups", 1), "chunk_size": c.get("chunk_size", 256),
+        "conv_bias": c.get("use_conv_bias", True), "bias": c.get("use_bias", False),
+        "norm_eps": c.get("layer_norm_epsilon", 1e-5),
+    }
+    if c.get("num_heads") and c["num_heads"] * kwargs["headdim"] != kwargs["expand"] * c["hidden_size"]:
+        raise ConversionError("Mamba-2 config: num_heads * head_dim must equal expand * hidden_size.")
+    limit = [_as_float(v) for v in c.get("time_step_limit") or []]
+    if limit and (limit[0] > 0 or limit[1] != float("inf")):
+        raise ConversionError(f"Mamba-2 config: time_step_limit {limit} (dt clamping) is not supported by the zoo mixer.")
+    model = {"d_model": c["hidden_size"], "n_layers": c["num_hidden_layers"], "vocab_size": c["vocab_size"],
+             "norm_eps": c.get("layer_norm_epsilon", 1e-5), "tie_word_embeddings": c.get("tie_word_embeddings", False)}
+    return model, {"mamba2": kwargs}
+
+
+def _mamba_ssm_config(c: dict, vocab: int) -> tuple[dict, dict, str]:
+    ssm = dict(c.get("ssm_cfg") or {})
+    layer = ssm.pop("layer", "Mamba1")
+    if c.get("attn_layer_idx"):
+        raise ConversionError("mamba_ssm checkpoints with attention layers (attn_layer_idx) are not supported yet.")
+    if not c.get("rms_norm", True):
+        raise ConversionError("mamba_ssm checkpoints with LayerNorm (rms_norm: false) are not supported; zoo blocks use RMSNorm.")
+    name = "mamba2" if layer == "Mamba2" else "mamba"
+    allowed = {
+        "mamba": ("d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor",
+                  "conv_bias", "bias"),
+        "mamba2": ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "dt_min", "dt_max",
+                   "dt_init_floor", "conv_bias", "bias"),
+    }[name]
+    unknown = {k: v for k, v in ssm.items() if k not in allowed}
+    if name == "mamba2":
+        if unknown.pop("rmsnorm", True) is not True or unknown.pop("norm_before_gate", False) is not False:
+            raise ConversionError("mamba_ssm Mamba2 with rmsnorm=false or norm_before_gate=true is not supported.")
+        unknown.pop("d_ssm", None)
+    for k in ("dt_limit", "use_mem_eff_path", "learnable_init_states", "activation"):
+        unknown.pop(k, None)
+    if unknown:
+        raise ConversionError(f"mamba_ssm ssm_cfg options not supported by the zoo {name} mixer: {sorted(unknown)}.")
+    kwargs = {k: v for k, v in ssm.items() if k in allowed and not (k == "dt_rank" and v == "auto")}
+    model = {"d_model": c["d_model"], "n_layers": c["n_layer"], "vocab_size": vocab, "norm_eps": 1e-5,
+             "tie_word_embeddings": c.get("tie_embeddings", True)}
+    d_inter = c.get("d_intermediate", 0) or 0
+    model["mlp"] = "swiglu" if d_inter else "none"
+    if d_inter:
+        model["mlp_hidden"] = d_inter
+    return model, {name: kwargs}, name
+
+
+def _map_keys(sd: dict[str, torch.Tensor], fmt: str, n_layers: int) -> dict[str, torch.Tensor]:
+    emb = "backbone.embeddings.weight" if fmt.startswith("hf") else "backbone.embedding.weight"
+    out = {"model.embed.weight": sd[emb], "model.norm_f.weight": sd["backbone.norm_f.weight"]}
+    if "lm_head.weight" in sd:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(n_layers):
+        src, dst = f"backbone.layers.{i}.", f"model.layers.{i}."
+        out[dst + "mixer_norm.weight"] = sd[src + "norm.weight"]
+        for key, value in sd.items():
+            if key.startswith(src + "mixer."):
+                out[dst + key[len(src):]] = value
+        if src + "mlp.fc1.weight" in sd:  # mamba_ssm GatedMLP: fc1 -> (y, gate); fc2(y * silu(gate))
+            y, gate = sd[src + "mlp.fc1.weight"].chunk(2, dim=0)
+            out[dst + "mlp.w1.weight"], out[dst + "mlp.w3.weight"] = gate, y
+            out[dst + "mlp.w2.weight"] = sd[src + "mlp.fc2.weight"]
+            out[dst + "mlp_norm.weight"] = sd[src + "norm2.weight"]
+    return out
+
+
+def convert_checkpoint(src: str | Path, out: str | Path) -> Path:
+    """Convert the Mamba checkpoint directory ``src`` into a zoo checkpoint at ``out``; returns ``out``."""
+    from zoo.models import ZooConfig, ZooForCausalLM
+
+    src, out = Path(src), Path(out)
+    if not (src / "config.json").is_file():
+        raise ConversionError(f"{src} has no config.json; pass a Hugging Face or mamba_ssm Mamba checkpoint directory.")
+    cfg = json.loads((src / "config.json").read_text())
+    fmt = detect_format(cfg)
+    sd = _read_state_dict(src)
+    if fmt == "hf-mamba":
+        model_kw, mixers = _hf_mamba_config(cfg)
+        name = "mamba"
+    elif fmt == "hf-mamba2":
+        model_kw, mixers = _hf_mamba2_config(cfg)
+        name = "mamba2"
+    else:
+        model_kw, mixers, name = _mamba_ssm_config(cfg, sd["backbone.embedding.weight"].shape[0])
+    model_kw.setdefault("mlp", "none")
+    for tok in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(cfg.get(tok), int):
+            model_kw[tok] = cfg[tok]
+    zoo_cfg = ZooConfig(pattern=[name], mixers=mixers, rescale_prenorm_residual=False, **model_kw)
+    mapped = _map_keys(sd, fmt, zoo_cfg.n_layers)
+    if zoo_cfg.tie_word_embeddings:
+        mapped.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = ZooForCausalLM(zoo_cfg)
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if zoo_cfg.tie_word_embeddings else set())
+    missing, extra = expected - set(mapped), set(mapped) - expected
+    if missing or extra:
+        raise ConversionError(
+            f"{src}: weights do not map one to one (missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]})."
+        )
+    model.load_state_dict(mapped, strict=False, assign=True)
+    if zoo_cfg.tie_word_embeddings:
+        model.tie_weights()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        for f in TOKENIZER_FILES:
+            if (src / f).exists():
+                shutil.copy2(src / f, tmp / f)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

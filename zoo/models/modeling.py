@@ -131,6 +131,11 @@ class ZooModel(ZooPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds.")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        if x.shape[1] == 0:
+            raise ValueError(
+                "the input has no tokens; when generate() continues from a cache, pass the whole sequence so far "
+                "(prompt + generated tokens) as input_ids."
+            )
         if use_cache and past_key_values is None and not self.training:
             past_key_values = self.new_cache()
         if attention_mask is not None and bool(attention_mask.all()):

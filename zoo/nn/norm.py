@@ -8,12 +8,12 @@ from torch import nn
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32, returned in x's dtype."""
+    """RMSNorm computed in at least float32 (float64 stays float64), returned in x's dtype."""
     dtype = x.dtype
-    x32 = x.float()
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    xc = x if dtype in (torch.float32, torch.float64) else x.float()
+    y = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(xc.dtype)
     return y.to(dtype)
 
 

@@ -1,0 +1,56 @@
+"""``fft_conv``: long convolution through the FFT, the core of S4's convolutional mode.
+
+There is no Triton version: ``torch.fft`` already calls cuFFT on GPU (and pocketfft on CPU), which a
+hand-written Triton FFT would not beat, so ``backend`` accepts only ``None`` and ``"torch"``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zoo.kernels.fft_conv.reference import fft_conv_ref
+
+__all__ = ["fft_conv", "fft_conv_ref"]
+
+
+def fft_conv(
+    u: torch.Tensor,
+    k: torch.Tensor,
+    D: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``irfft(rfft(u, 2L) * rfft(k, 2L))[:L] + D u``: causal (or two-sided) convolution of u with k.
+
+    u ``(B, H, L)``; k ``(H, Lk)`` or with channels ``(C, H, Lk)``, where ``Lk <= L`` is a causal kernel and
+    ``Lk == 2L`` a two-sided one (lag ``-j`` at index ``2L - j``; build it as
+    ``pad(k0, (0, L)) + pad(flip(k1), (L, 0))``). D ``(H,)`` or ``(C, H)``.
+    Returns ``(B, H, L)``, or ``(B, C, H, L)`` with channels, in u's dtype (the FFT runs in at least float32).
+    """
+    if backend not in (None, "torch"):
+        raise ValueError(
+            f"fft_conv: there is no {backend!r} kernel (torch.fft already uses cuFFT on GPU); pass backend=None or 'torch'."
+        )
+    if u.dim() != 3:
+        raise ValueError(f"fft_conv: u must be (batch, channels H, length L); got shape {tuple(u.shape)}.")
+    B, H, L = u.shape
+    if k.dim() not in (2, 3) or k.shape[-2] != H:
+        raise ValueError(f"fft_conv: k must be ({H}, Lk) or (C, {H}, Lk) to match u's {H} channels; got {tuple(k.shape)}.")
+    Lk = k.shape[-1]
+    if Lk > L and Lk != 2 * L:
+        raise ValueError(
+            f"fft_conv: kernel length {Lk} must be <= L={L} (causal) or exactly 2L={2 * L} (two-sided); truncate or rebuild it."
+        )
+    if D is not None and tuple(D.shape) != tuple(k.shape[:-1]):
+        raise ValueError(f"fft_conv: D must have shape {tuple(k.shape[:-1])} (one skip weight per kernel); got {tuple(D.shape)}.")
+    ct = torch.promote_types(torch.promote_types(u.dtype, k.dtype), torch.float32)
+    n = 2 * L
+    uf = torch.fft.rfft(u.to(ct), n=n)  # (B, H, L+1)
+    kf = torch.fft.rfft(k.to(ct), n=n)  # (H|C,H, L+1)
+    if k.dim() == 3:
+        uf = uf[:, None]  # (B, 1, H, L+1)
+    y = torch.fft.irfft(uf * kf, n=n)[..., :L]  # (B, [C,] H, L)
+    if D is not None:
+        uu = u.to(ct) if k.dim() == 2 else u.to(ct)[:, None]
+        y = y + D.to(ct)[..., None] * uu
+    return y.to(u.dtype)

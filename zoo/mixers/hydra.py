@@ -1,0 +1,156 @@
+"""Hydra: the bidirectional quasiseparable mixer of Hwang et al. 2024, built on the SSD scan.
+
+``QS(X) = shift(SS_f(X)) + flip(shift(SS_b(flip(X)))) + X * (fc_D(X) + D)``: a forward and a backward SSD
+scan with their own B, C and dt (A shared), each shifted one step so that the diagonal of the L x L mixing
+matrix comes only from the data-dependent ``fc_D`` term. Around it: a non-causal depthwise conv
+(SiLU), ``RMSNorm(y) * silu(z)`` and ``out_proj``. Non-causal, so there is no step (decoding) path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo import kernels
+from zoo.mixers.base import Mixer
+from zoo.mixers.mamba2 import inverse_softplus_dt
+from zoo.nn import GatedRMSNorm, seq_index
+from zoo.registry import register_mixer
+
+
+def _positions(L: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's position in its own sequence and that sequence's length, both ``(L,)``."""
+    if cu_seqlens is None:
+        return torch.arange(L, device=device), torch.full((L,), L, device=device)
+    n = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return seq_index(cu_seqlens, L), n.repeat_interleave(n)
+
+
+@register_mixer("hydra")
+class Hydra(Mixer):
+    """Hydra mixer: ``(B, L, D) -> (B, L, D)``, bidirectional; ``nheads = expand * d_model / headdim``.
+
+    Defaults are the official module's: ``d_state`` 64, ``d_conv`` 7 (odd, centred), ``expand`` 2, ``headdim`` 64,
+    ``ngroups`` 1, ``chunk_size`` 256 (of the SSD scans), dt log-uniform in ``[dt_min, dt_max]``, A_log = 0.
+    Padding (left or right of the real tokens) is zeroed before the conv and is the identity in both scans.
+    """
+
+    causal = False
+    has_step = False
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        layer_idx: int = 0,
+        d_state: int = 64,
+        d_conv: int = 7,
+        expand: int = 2,
+        headdim: int = 64,
+        ngroups: int = 1,
+        chunk_size: int = 256,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_init_floor: float = 1e-4,
+        norm_eps: float = 1e-5,
+        bias: bool = False,
+        conv_bias: bool = True,
+    ) -> None:
+        super().__init__(d_model, layer_idx=layer_idx)
+        d_inner = expand * d_model
+        if d_inner % headdim:
+            raise ValueError(f"hydra: headdim {headdim} must divide expand * d_model = {d_inner}; pick a divisor such as 64.")
+        nheads = d_inner // headdim
+        if nheads % ngroups:
+            raise ValueError(f"hydra: ngroups {ngroups} must divide the number of heads {nheads} (= expand * d_model / headdim).")
+        if d_conv < 1 or d_conv % 2 == 0:
+            raise ValueError(f"hydra: d_conv must be odd so the non-causal conv is centred; got {d_conv}, use e.g. 7.")
+        self.d_state, self.d_conv, self.headdim, self.ngroups, self.chunk_size = d_state, d_conv, headdim, ngroups, chunk_size
+        self.d_inner, self.nheads = d_inner, nheads
+        self.conv_dim = d_inner + 4 * ngroups * d_state  # x, then B and C for each direction
+        self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + 2 * nheads, bias=bias)  # [z, xBC, dt_f|dt_b]
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv // 2, bias=conv_bias)
+        self.dt_bias = nn.Parameter(inverse_softplus_dt(nheads, dt_min, dt_max, dt_init_floor))  # shared by both directions
+        self.A_log = nn.Parameter(torch.zeros(nheads))  # A = -1 at init, shared by both directions
+        self.D = nn.Parameter(torch.ones(nheads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+        self.fc_D = nn.Linear(d_inner, nheads, bias=False)  # the data-dependent part of the diagonal
+        self.norm = GatedRMSNorm(d_inner, eps=norm_eps, norm_before_gate=True, group_size=d_inner // ngroups)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+
+    def _conv(self, xBC: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+        """Centred depthwise conv over time, ``(B, L, E) -> (B, L, E)``; never reaches across packed sequences."""
+        w, b = self.conv1d.weight.to(xBC.dtype), self.conv1d.bias
+        if cu_seqlens is None:
+            return F.conv1d(xBC.transpose(1, 2), w, b.to(xBC.dtype) if b is not None else None,
+                            padding=self.d_conv // 2, groups=self.conv_dim).transpose(1, 2)
+        L = xBC.shape[1]
+        pos, length = _positions(L, cu_seqlens, xBC.device)
+        half = self.d_conv // 2
+        y = torch.zeros_like(xBC) if b is None else b.to(xBC.dtype).expand_as(xBC).clone()
+        padded = F.pad(xBC, (0, 0, half, half))  # (B, L + 2 half, E)
+        for j in range(self.d_conv):  # tap j reads offset j - half; zero it where that leaves the sequence
+            off = j - half
+            ok = ((pos + off >= 0) & (pos + off < length)).to(xBC.dtype)[None, :, None]
+            y = y + padded[:, j : j + L] * w[:, 0, j] * ok
+        return y
+
+    def project(
+        self, u: torch.Tensor, mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """The SSM inputs: z ``(B, L, E)``, x ``(B, L, H, P)``, dt_f, dt_b ``(B, L, H)``, B_f, C_f, B_b, C_b ``(B, L, G, N)``."""
+        Bsz, L, _ = u.shape
+        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.conv_dim, 2 * self.nheads], dim=-1)
+        if mask is not None:
+            xBC = xBC * mask[..., None].to(xBC.dtype)  # padded tokens enter the conv as zeros
+        xBC = F.silu(self._conv(xBC, cu_seqlens))
+        GN = self.ngroups * self.d_state
+        x, Bf, Cf, Bb, Cb = xBC.split([self.d_inner, GN, GN, GN, GN], dim=-1)
+        ct = torch.promote_types(dt.dtype, torch.float32)
+        dt = F.softplus(dt.to(ct) + self.dt_bias.to(ct).repeat(2))  # (B, L, 2H)
+        if mask is not None:
+            dt = dt * mask[..., None].to(ct)  # dt = 0: padding is the identity in both scans
+        dt_f, dt_b = dt.chunk(2, dim=-1)
+        g = lambda t: t.reshape(Bsz, L, self.ngroups, self.d_state)  # noqa: E731
+        return z, x.reshape(Bsz, L, self.nheads, self.headdim), dt_f, dt_b, g(Bf), g(Cf), g(Bb), g(Cb)
+
+    def mix(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The quasiseparable mixing before the gated norm: returns ``y (B, L, E)`` and the gate ``z (B, L, E)``."""
+        Bsz, L, _ = x.shape
+        z, xs, dt_f, dt_b, Bf, Cf, Bb, Cb = self.project(x, mask, cu_seqlens)
+        A = -torch.exp(self.A_log.to(dt_f.dtype))
+        run = lambda *a: kernels.ssd(*a, chunk_size=self.chunk_size, cu_seqlens=cu_seqlens)  # noqa: E731
+        pos, length = _positions(L, cu_seqlens, x.device)
+        t = torch.arange(L, device=x.device)
+        rev = t - pos + (length - 1 - pos)  # reverses each sequence in place
+        y_f = run(xs, dt_f, A, Bf, Cf)  # (B, L, H, P)
+        y_b = run(xs[:, rev], dt_b[:, rev], A, Bb[:, rev], Cb[:, rev])[:, rev]  # backward scan, back in time order
+        # shift: position t takes the forward output of t-1 and the backward output of t+1 (zero past the ends)
+        y_f = y_f.roll(1, 1).masked_fill((pos == 0)[None, :, None, None], 0)
+        y_b = y_b.roll(-1, 1).masked_fill((pos == length - 1)[None, :, None, None], 0)
+        diag = self.fc_D(xs.reshape(Bsz, L, self.d_inner)).to(dt_f.dtype) + self.D.to(dt_f.dtype)  # (B, L, H)
+        y = y_f + y_b + xs * diag[..., None].to(xs.dtype)  # (B, L, H, P)
+        return y.reshape(Bsz, L, self.d_inner), z
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        cache=None,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x (B, L, D) -> (B, L, D)``; every position sees the whole (unpadded, own) sequence."""
+        if cache is not None:
+            raise ValueError("hydra is bidirectional and keeps no recurrent state; call it without a cache (no generation).")
+        mask = attention_mask[:, -x.shape[1] :] if attention_mask is not None else None
+        y, z = self.mix(x, mask, cu_seqlens)
+        return self.out_proj(self.norm(y.to(x.dtype), z))
+
+    def state_size(self) -> int:
+        """Floats in the two SSD states (forward and backward) that summarise a sequence; there is no decoding state."""
+        return 2 * self.nheads * self.headdim * self.d_state

@@ -1,0 +1,179 @@
+"""Mamba-2: the SSD (state-space duality) mixer of Dao & Gu 2024, as mamba_ssm's ``Mamba2`` computes it.
+
+``in_proj`` gives ``[z, x, B, C, dt]``; a causal depthwise conv (SiLU) runs over ``concat(x, B, C)``;
+``dt = softplus(dt + dt_bias)``; per head ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T`` (state P x N),
+``y_t = h_t C_t + D x_t``; then ``RMSNorm(y * silu(z))`` (grouped per ngroups) and ``out_proj``.
+Parameter names follow transformers' ``Mamba2Mixer`` so checkpoints map one to one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo import kernels
+from zoo.mixers.base import RecurrentMixer, State
+from zoo.nn import GatedRMSNorm
+from zoo.registry import register_mixer
+
+
+def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: float) -> torch.Tensor:
+    """A bias b with ``softplus(b) = dt``, dt log-uniform in ``[dt_min, dt_max]`` and floored (Mamba's dt init)."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+def last_inputs(x: torch.Tensor, width: int, *, prev: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Conv state after ``x (B, L, E)``: the last ``width`` real inputs as ``(B|N, E, width)``, zeros in front.
+
+    ``prev (B, E, width)`` is the carried-in state; ``mask (B, L)`` skips padded tokens; with ``cu_seqlens``
+    (B == 1) one state per packed sequence, none reaching across a sequence start.
+    """
+    B, L, E = x.shape
+    if cu_seqlens is not None:
+        ends = cu_seqlens[1:].long()  # (N,)
+        idx = ends[:, None] - width + torch.arange(width, device=x.device)  # (N, width)
+        valid = idx >= cu_seqlens[:-1].long()[:, None]
+        out = x[0][idx.clamp(min=0)] * valid[..., None].to(x.dtype)  # (N, width, E)
+        return out.transpose(1, 2)
+    full = torch.cat([prev.to(x.dtype) if prev is not None else x.new_zeros(B, E, width), x.transpose(1, 2)], dim=-1)
+    if mask is None:
+        return full[..., full.shape[-1] - width :]
+    keep = torch.cat([torch.ones(B, width, dtype=torch.bool, device=x.device), mask.bool()], dim=1)
+    order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, keep.shape[1] - width :]  # real ones last
+    return torch.gather(full, 2, order[:, None, :].expand(B, E, width))
+
+
+@register_mixer("mamba2")
+class Mamba2(RecurrentMixer):
+    """Mamba-2 / SSD mixer: ``(B, L, D) -> (B, L, D)`` with ``nheads = expand * d_model / headdim`` heads.
+
+    Defaults are mamba_ssm's: ``d_state`` 128, ``d_conv`` 4, ``expand`` 2, ``headdim`` 64, ``ngroups`` 1 (B and C
+    shared by ``nheads / ngroups`` heads), ``chunk_size`` 256 (of the SSD scan), dt log-uniform in
+    ``[dt_min, dt_max]`` floored at ``dt_init_floor``, no linear bias, conv bias on.
+    State: conv ``(B, conv_dim, d_conv - 1)`` and SSM ``(B, nheads, headdim, d_state)``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        layer_idx: int = 0,
+        d_state: int = 128,
+        d_conv: int = 4,
+        expand: int = 2,
+        headdim: int = 64,
+        ngroups: int = 1,
+        chunk_size: int = 256,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        dt_init_floor: float = 1e-4,
+        norm_eps: float = 1e-5,
+        bias: bool = False,
+        conv_bias: bool = True,
+    ) -> None:
+        super().__init__(d_model, layer_idx=layer_idx)
+        d_inner = expand * d_model
+        if d_inner % headdim:
+            raise ValueError(f"mamba2: headdim {headdim} must divide expand * d_model = {d_inner}; pick a divisor such as 64.")
+        nheads = d_inner // headdim
+        if nheads % ngroups:
+            raise ValueError(f"mamba2: ngroups {ngroups} must divide the number of heads {nheads} (= expand * d_model / headdim).")
+        if not 2 <= d_conv <= 4:
+            raise ValueError(f"mamba2: conv width d_conv={d_conv} is not supported; the causal conv kernels take 2 to 4 (default 4).")
+        self.d_state, self.d_conv, self.headdim, self.ngroups, self.chunk_size = d_state, d_conv, headdim, ngroups, chunk_size
+        self.d_inner, self.nheads = d_inner, nheads
+        self.conv_dim = d_inner + 2 * ngroups * d_state
+        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * ngroups * d_state + nheads, bias=bias)  # [z, x, B, C, dt]
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=conv_bias)
+        self.dt_bias = nn.Parameter(inverse_softplus_dt(nheads, dt_min, dt_max, dt_init_floor))
+        self.A_log = nn.Parameter(torch.log(torch.empty(nheads).uniform_(1, 16)))  # A = -exp(A_log), A ~ U(1, 16)
+        self.D = nn.Parameter(torch.ones(nheads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+        self.norm = GatedRMSNorm(d_inner, eps=norm_eps, norm_before_gate=False, group_size=d_inner // ngroups)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+
+    def _split(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
+    def _dt(self, dt: torch.Tensor) -> torch.Tensor:
+        ct = torch.promote_types(dt.dtype, torch.float32)
+        return F.softplus(dt.to(ct) + self.dt_bias.to(ct))
+
+    def scan(
+        self,
+        x: torch.Tensor,
+        *,
+        state: State | None = None,
+        mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        return_state: bool = False,
+    ) -> tuple[torch.Tensor, State | None]:
+        """Chunked SSD path: ``x (B, L, D)`` -> ``y (B, L, D)`` and, if asked, the state after the last token."""
+        Bsz, L, _ = x.shape
+        if cu_seqlens is not None and state is not None:
+            raise ValueError("mamba2: a carried-in state cannot be combined with cu_seqlens; prefill packed sequences from scratch.")
+        z, xBC, dt = self._split(self.in_proj(x))
+        if mask is not None:
+            xBC = xBC * mask[..., None].to(xBC.dtype)  # padded tokens enter the conv as zeros
+        conv_prev = state["conv"] if state is not None else None
+        xc = kernels.causal_conv1d(
+            xBC.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias, "silu",  # (B, conv_dim, L)
+            initial_states=conv_prev.to(xBC.dtype) if conv_prev is not None else None, cu_seqlens=cu_seqlens,
+        ).transpose(1, 2)  # (B, L, conv_dim)
+        xs, Bm, Cm = xc.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        dt = self._dt(dt)  # (B, L, H)
+        if mask is not None:
+            dt = dt * mask[..., None].to(dt.dtype)  # dt = 0: a padded token neither decays nor writes the state
+        A = -torch.exp(self.A_log.to(dt.dtype))
+        out = kernels.ssd(
+            xs.reshape(Bsz, L, self.nheads, self.headdim),  # (B, L, H, P)
+            dt, A,
+            Bm.reshape(Bsz, L, self.ngroups, self.d_state),  # (B, L, G, N)
+            Cm.reshape(Bsz, L, self.ngroups, self.d_state),
+            self.D.to(dt.dtype),
+            chunk_size=self.chunk_size,
+            initial_state=state["ssm"] if state is not None else None,
+            return_final_state=return_state,
+            cu_seqlens=cu_seqlens,
+        )
+        y, ssm = out if return_state else (out, None)
+        y = self.out_proj(self.norm(y.reshape(Bsz, L, self.d_inner).to(x.dtype), z))
+        if not return_state:
+            return y, None
+        conv = last_inputs(xBC, self.d_conv - 1, prev=conv_prev, mask=mask, cu_seqlens=cu_seqlens)
+        return y, {"conv": conv, "ssm": ssm.to(dt.dtype)}
+
+    def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One token ``x (B, D)`` -> ``y (B, D)``: O(1) conv-state and SSM-state update."""
+        Bsz = x.shape[0]
+        z, xBC, dt = self._split(self.in_proj(x))
+        xc, conv = kernels.causal_conv1d_update(
+            xBC, state["conv"].to(xBC.dtype), self.conv1d.weight[:, 0], self.conv1d.bias, "silu"
+        )  # (B, conv_dim)
+        dt = self._dt(dt)  # (B, H)
+        xs, Bm, Cm = xc.to(dt.dtype).split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        xs = xs.view(Bsz, self.nheads, self.headdim)  # (B, H, P)
+        rep = self.nheads // self.ngroups
+        Bm = Bm.view(Bsz, self.ngroups, self.d_state).repeat_interleave(rep, dim=1)  # (B, H, N)
+        Cm = Cm.view(Bsz, self.ngroups, self.d_state).repeat_interleave(rep, dim=1)
+        dA = torch.exp(dt * -torch.exp(self.A_log.to(dt.dtype)))
+        ssm = state["ssm"].to(dt.dtype) * dA[..., None, None] + (dt[..., None] * xs)[..., None] * Bm[:, :, None, :]  # (B, H, P, N)
+        y = (ssm @ Cm[..., None])[..., 0] + self.D.to(dt.dtype)[:, None] * xs  # (B, H, P)
+        y = self.out_proj(self.norm(y.reshape(Bsz, self.d_inner).to(x.dtype), z))
+        return y, {"conv": conv, "ssm": ssm}
+
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
+        return {
+            "conv": torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
+            "ssm": torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
+                               dtype=torch.promote_types(dtype or torch.float32, torch.float32)),
+        }
+
+    def state_size(self) -> int:
+        return self.conv_dim * (self.d_conv - 1) + self.nheads * self.headdim * self.d_state

@@ -1,0 +1,372 @@
+"""S4: a linear time-invariant state-space layer applied as a long FFT convolution (Gu et al. 2021).
+
+Two kernels, one layer. ``mode="s4d"`` is the diagonal S4D kernel (ZOH discretisation, Vandermonde
+product); ``mode="dplr"`` is the original S4 kernel: HiPPO-LegS in normal-plus-low-rank form
+``A = Lambda - P P^*``, bilinear discretisation, a Cauchy kernel at the roots of unity with a Woodbury
+correction for the low-rank term, then an inverse FFT. Each channel keeps ``d_state / 2`` complex modes
+standing for conjugate pairs, so outputs are ``2 Re(C x)``. The layer is ``GELU(K * u + D u)`` followed by
+an output linear (with GLU by default), as in the S4 repository's standalone S4D block.
+
+The recurrent view (causal only) equals the convolution: ``x_t = A_bar x_{t-1} + B_bar u_t``,
+``y_t = 2 Re(C x_t) + D u_t``. A carried-in state adds ``2 Re(C A_bar^(t+1) x0)`` to the convolution output.
+Packed input (``cu_seqlens``) runs one convolution per packed sequence (a Python loop over sequences).
+Padding: padded positions are zeroed, which for a convolution equals running each sequence alone as long
+as padding is contiguous at the ends of a row (left padding when a state is carried in or out).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.kernels.fft_conv import fft_conv
+from zoo.mixers.base import RecurrentMixer, State
+from zoo.registry import register_mixer
+
+_S4D_INITS = ("lin", "inv", "real", "legs")
+
+
+def hippo_legs_nplr(N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HiPPO-LegS in diagonalised normal-plus-low-rank form, keeping the N/2 modes with positive frequency.
+
+    Returns ``(Lambda, P, B, V)``: complex ``(N/2,)`` each and ``V (N, N/2)``, such that with the conjugate
+    completion ``Vf = [V, conj(V)]`` the real LegS matrix is ``Vf (diag(Lf) - Pf Pf^*) Vf^*`` and its input
+    vector is ``Vf Bf`` (``Xf = [X, conj(X)]``). Computed in float64.
+    """
+    n = torch.arange(N, dtype=torch.float64)
+    r = torch.sqrt(2 * n + 1)
+    A = -torch.tril(r[:, None] * r[None, :], diagonal=-1) - torch.diag(n + 1)  # LegS: -(n+1) on the diagonal
+    P = torch.sqrt(n + 0.5)
+    S = A + P[:, None] * P[None, :]  # -1/2 I + a skew-symmetric matrix
+    freq, V = torch.linalg.eigh(-1j * (S + 0.5 * torch.eye(N, dtype=torch.float64)))  # Hermitian: real freqs
+    keep = freq > 0  # eigenvalues of a real skew matrix pair up as +-i w; keep one of each pair
+    V = V[:, keep]
+    lam = torch.complex(torch.full_like(freq[keep], -0.5), freq[keep])
+    Vh = V.conj().T
+    return lam, Vh @ P.to(V.dtype), Vh @ r.to(V.dtype), V
+
+
+def _complex_of(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
+@register_mixer("s4")
+class S4(RecurrentMixer):
+    """S4 / S4D layer: ``(B, L, D) -> (B, L, D)``, one SSM per channel (H = d_model).
+
+    ``d_state`` N (even: N/2 complex modes), ``mode`` "s4d" | "dplr", ``init`` "lin" | "inv" | "real" | "legs"
+    (S4D; default "lin") or "legs" (DPLR, the default there), ``dt_min``/``dt_max`` the log-uniform range of the
+    step, ``bidirectional`` (a second, backward kernel per channel; then not causal and no step path),
+    ``glu`` (output linear to 2D followed by a GLU, as in the S4 repository, else a D -> D linear).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        layer_idx: int = 0,
+        d_state: int = 64,
+        mode: str = "s4d",
+        init: str | None = None,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        bidirectional: bool = False,
+        glu: bool = True,
+    ) -> None:
+        super().__init__(d_model, layer_idx=layer_idx)
+        if mode not in ("s4d", "dplr"):
+            raise ValueError(f"s4: mode must be 's4d' (diagonal) or 'dplr' (HiPPO-LegS normal plus low rank); got {mode!r}.")
+        init = init or ("lin" if mode == "s4d" else "legs")
+        if mode == "s4d" and init not in _S4D_INITS:
+            raise ValueError(f"s4: init for mode 's4d' must be one of {', '.join(_S4D_INITS)}; got {init!r}.")
+        if mode == "dplr" and init != "legs":
+            raise ValueError(f"s4: mode 'dplr' is initialised from HiPPO-LegS only; set init: legs (or leave it unset), not {init!r}.")
+        if d_state < 2 or d_state % 2:
+            raise ValueError(
+                f"s4: d_state must be a positive even number (N/2 complex-conjugate mode pairs); got {d_state}, use e.g. 64."
+            )
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"s4: need 0 < dt_min <= dt_max; got dt_min={dt_min}, dt_max={dt_max}.")
+        self.mode, self.init, self.d_state, self.bidirectional = mode, init, d_state, bidirectional
+        self.causal = not bidirectional
+        self.has_step = not bidirectional
+        H, N2 = d_model, d_state // 2
+        Hc = 2 * H if bidirectional else H  # a bidirectional layer has a forward and a backward SSM per channel
+
+        log_dt = torch.rand(Hc) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)  # log dt ~ U[log dt_min, log dt_max]
+        n = torch.arange(N2, dtype=torch.float64)
+        B = torch.ones(Hc, N2, dtype=torch.complex128)
+        P = None
+        if init == "lin":  # S4D-Lin: A = -1/2 + i pi n
+            lam = torch.complex(torch.full_like(n, -0.5), math.pi * n)
+        elif init == "inv":  # S4D-Inv: A = -1/2 + i N/pi (N/(2n+1) - 1)
+            lam = torch.complex(torch.full_like(n, -0.5), d_state / math.pi * (d_state / (2 * n + 1) - 1))
+        elif init == "real":  # S4D-Real: A = -(n+1)
+            lam = torch.complex(-(n + 1), torch.zeros_like(n))
+        else:  # LegS: the diagonal part of HiPPO-LegS's NPLR form (S4D-LegS), plus its low-rank term for DPLR
+            lam, p, b, _ = hippo_legs_nplr(d_state)
+            B = b.expand(Hc, N2).clone()
+            P = p.expand(Hc, N2).clone()
+        lam = lam.expand(Hc, N2)
+        self.log_dt = nn.Parameter(log_dt)
+        self.log_A_real = nn.Parameter(torch.log(-lam.real).float())  # Re A = -exp(log_A_real) < 0 keeps it stable
+        self.A_imag = nn.Parameter(lam.imag.float().clone())
+        self.B = nn.Parameter(torch.view_as_real(B.to(torch.complex64)).clone())  # (Hc, N2, 2)
+        self.C = nn.Parameter(torch.view_as_real(torch.randn(Hc, N2, dtype=torch.complex64)))  # (Hc, N2, 2)
+        self.P = nn.Parameter(torch.view_as_real(P.to(torch.complex64)).clone()) if mode == "dplr" else None
+        self.D = nn.Parameter(torch.randn(H))
+        for p_ in (self.log_dt, self.log_A_real, self.A_imag, self.B, self.P):
+            if p_ is not None:
+                p_._no_weight_decay = True  # SSM parameters train without weight decay, as in S4
+        self.out_proj = nn.Linear(H, 2 * H if glu else H)
+        self.glu = glu
+
+    # ----- the continuous and discrete system -------------------------------------------------
+    def _params(self) -> tuple[torch.Tensor, ...]:
+        """dt ``(Hc,)``, A, B, C (and P for DPLR) as complex ``(Hc, N/2)`` in at least float32."""
+        rt = torch.promote_types(self.log_dt.dtype, torch.float32)
+        dt = self.log_dt.to(rt).exp()
+        A = torch.complex(-self.log_A_real.to(rt).exp(), self.A_imag.to(rt))
+        cx = lambda p: torch.view_as_complex(p.to(rt).contiguous())  # noqa: E731
+        return dt, A, cx(self.B), cx(self.C), (cx(self.P) if self.P is not None else None)
+
+    def _dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DPLR in the conjugate-completed basis: ``A (Hc, N, N)``, ``A_bar``, ``B (Hc, N)``, ``B_bar`` (bilinear)."""
+        dt, lam, B, _, P = self._params()
+        Lf, Pf, Bf = (torch.cat([v, v.conj()], dim=-1) for v in (lam, P, B))  # (Hc, N)
+        A = torch.diag_embed(Lf) - Pf[:, :, None] * Pf[:, None, :].conj()  # (Hc, N, N)
+        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+        half = dt[:, None, None] / 2 * A
+        dA = torch.linalg.solve(eye - half, eye + half)
+        dB = torch.linalg.solve(eye - half, (dt[:, None] * Bf)[..., None])[..., 0]
+        return A, dA, Bf, dB
+
+    def _cauchy(self, Ct: torch.Tensor, w: torch.Tensor, L: int, *, real: bool) -> torch.Tensor:
+        """``C A_bar^l v`` for l < L (DPLR, bilinear) from ``Ct = C (I - A_bar^L)`` and ``w = (I - dt/2 A) v``.
+
+        Ct ``(..., Hc, M, N)``, w ``(..., Hc, N)`` -> ``(..., Hc, M, L)``. At the L-th roots of unity z the
+        generating function is ``Ct M(z)^-1 w`` with ``M(z) = (1-z) I - dt/2 (1+z) A``, a diagonal plus rank one
+        whose inverse the Woodbury identity gives from four Cauchy sums; an inverse FFT returns the sequence.
+        ``real=True`` (conjugate-symmetric Ct and w, so a real sequence) evaluates only L/2+1 nodes and uses irfft.
+        """
+        dt, lam, _, _, P = self._params()
+        Lf, Pf = (torch.cat([v, v.conj()], dim=-1) for v in (lam, P))  # (Hc, N)
+        nodes = torch.arange(L // 2 + 1 if real else L, device=dt.device, dtype=dt.dtype)
+        z = torch.exp(-2j * math.pi * nodes / L).to(Lf.dtype)  # roots of unity
+        s = dt[:, None] / 2 * (1 + z)  # (Hc, L)
+        inv = 1 / ((1 - z) - s[:, None, :] * Lf[:, :, None])  # (Hc, N, L); Re(lam) < 0 keeps it finite
+        k_cw = torch.einsum("...hmn,...hn,hnl->...hml", Ct, w, inv)
+        k_cp = torch.einsum("...hmn,hn,hnl->...hml", Ct, Pf, inv)
+        k_pw = torch.einsum("hn,...hn,hnl->...hl", Pf.conj(), w, inv)[..., None, :]
+        k_pp = torch.einsum("hn,hn,hnl->hl", Pf.conj(), Pf, inv)[:, None, :]
+        T = k_cw - s[:, None, :] * k_cp * k_pw / (1 + s[:, None, :] * k_pp)  # (..., Hc, M, nodes)
+        return torch.fft.irfft(T, n=L, dim=-1) if real else torch.fft.ifft(T, n=L, dim=-1)
+
+    def kernel(self, L: int) -> torch.Tensor:
+        """The convolution kernel ``K_l = 2 Re(C A_bar^l B_bar)``, ``(Hc, L)`` real."""
+        if self.mode == "s4d":
+            dt, A, B, C, _ = self._params()
+            dtA = dt[:, None] * A  # (Hc, N2)
+            dB = B * torch.expm1(dtA) / A  # ZOH
+            return 2 * self._vandermonde(C * dB, dtA, L, 0)
+        dt, _, _, C, _ = self._params()
+        _, dA, Bf, _ = self._dense()
+        Cf = torch.cat([C, C.conj()], dim=-1)[:, None, :]  # (Hc, 1, N)
+        Ct = Cf - Cf @ torch.linalg.matrix_power(dA, L)  # C (I - A_bar^L): the length-L truncation
+        return self._cauchy(Ct, dt[:, None] * Bf, L, real=True)[:, 0]
+
+    @staticmethod
+    def _powers(dtA: torch.Tensor, L: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Real and imaginary parts of ``exp(dtA (l + offset))`` for l < L, each ``(Hc, N2, L)``.
+
+        Built from real exp/cos/sin, which are several times faster than a complex exp on CPU.
+        """
+        pos = torch.arange(offset, offset + L, device=dtA.device, dtype=dtA.real.dtype)
+        mag = torch.exp(dtA.real[..., None] * pos)
+        ang = dtA.imag[..., None] * pos
+        return mag * torch.cos(ang), mag * torch.sin(ang)
+
+    def _vandermonde(self, coef: torch.Tensor, dtA: torch.Tensor, L: int, offset: int) -> torch.Tensor:
+        """``Re sum_n coef_n exp(dtA_n (l + offset))`` for l < L: coef ``(..., Hc, N2)`` -> ``(..., Hc, L)``."""
+        Vr, Vi = self._powers(dtA, L, offset)
+        return torch.einsum("...hn,hnl->...hl", coef.real, Vr) - torch.einsum("...hn,hnl->...hl", coef.imag, Vi)
+
+    # ----- carried-in state -------------------------------------------------------------------
+    def _state_output(self, x0: torch.Tensor, L: int) -> torch.Tensor:
+        """``2 Re(C A_bar^(l+1) x0)`` for l < L: x0 ``(B, H, N2)`` complex -> ``(B, H, L)``."""
+        dt, A, _, C, _ = self._params()
+        if self.mode == "s4d":
+            return 2 * self._vandermonde(C * x0, dt[:, None] * A, L, 1)
+        Amat, dA, _, _ = self._dense()
+        x0f = torch.cat([x0, x0.conj()], dim=-1)  # (B, H, N)
+        w = x0f + dt[:, None] / 2 * (Amat @ x0f[..., None])[..., 0]  # (I + dt/2 A) x0 = (I - dt/2 A) A_bar x0
+        Cf = torch.cat([C, C.conj()], dim=-1)[:, None, :]
+        Ct = Cf - Cf @ torch.linalg.matrix_power(dA, L)  # (H, 1, N)
+        return self._cauchy(Ct.expand(x0.shape[0], *Ct.shape), w, L, real=True)[:, :, 0]
+
+    def _final_state(self, x0: torch.Tensor | None, u: torch.Tensor, n_real: torch.Tensor) -> torch.Tensor:
+        """State after u ``(B, H, L)`` (zeros at left pads) from x0 ``(B, H, N2)``; ``n_real (B,)`` real tokens."""
+        L = u.shape[-1]
+        dt, A, B, _, _ = self._params()
+        ufl = u.flip(-1).to(A.dtype)  # ufl[..., j] = u[L-1-j]: the input seen j steps ago
+        if self.mode == "s4d":
+            dtA = dt[:, None] * A
+            x = torch.einsum("bhl,hnl->bhn", ufl, torch.complex(*self._powers(dtA, L, 0))) * (B * torch.expm1(dtA) / A)
+            if x0 is not None:
+                x = x + torch.exp(dtA * n_real[:, None, None].to(dt.dtype)) * x0
+            return x
+        N2 = A.shape[-1]
+        _, dA, Bf, _ = self._dense()
+        eye = torch.eye(2 * N2, dtype=dA.dtype, device=dA.device)
+        rows = (eye - torch.linalg.matrix_power(dA, L))[:, :N2, :]  # (H, N2, N): C~ for the state components
+        seq = self._cauchy(rows, dt[:, None] * Bf, L, real=False)  # (H, N2, L): (A_bar^l B_bar)[top]
+        x = torch.einsum("bhl,hnl->bhn", ufl, seq)
+        if x0 is not None:
+            x0f = torch.cat([x0, x0.conj()], dim=-1)
+            for n in n_real.unique().tolist():  # A_bar^n x0 for each distinct count of real tokens
+                rows_n = n_real == n
+                x[rows_n] = x[rows_n] + (torch.linalg.matrix_power(dA, n)[:, :N2] @ x0f[rows_n][..., None])[..., 0]
+        return x
+
+    # ----- the layer ----------------------------------------------------------------------------
+    def _output(self, y: torch.Tensor) -> torch.Tensor:
+        y = self.out_proj(F.gelu(y))
+        return F.glu(y, dim=-1) if self.glu else y
+
+    def _convolve(
+        self, u: torch.Tensor, k: torch.Tensor, state: State | None, n_pad: torch.Tensor | None, return_state: bool
+    ) -> tuple[torch.Tensor, State | None]:
+        """SSM convolution of u ``(B, L, H)`` with the first taps of k ``(Hc, >=L)``; returns pre-activation y."""
+        Bsz, L, H = u.shape
+        ut = u.transpose(1, 2)  # (B, H, L)
+        k = k[:, :L]
+        if self.bidirectional:
+            k0, k1 = k[:H], k[H:]
+            k = F.pad(k0, (0, L)) + F.pad(k1.flip(-1), (L, 0))  # (H, 2L) two-sided kernel
+        y = fft_conv(ut, k, self.D)  # (B, H, L)
+        n_pad = n_pad if n_pad is not None else torch.zeros(Bsz, dtype=torch.long, device=u.device)
+        if state is not None:
+            so = self._state_output(state["x"], L)  # (B, H, L), aligned to the first real token
+            t = torch.arange(L, device=u.device)
+            src = t[None, :] - n_pad[:, None]  # (B, L)
+            so = so.gather(-1, src.clamp(min=0)[:, None, :].expand(Bsz, H, L)) * (src >= 0)[:, None, :]
+            y = y + so.to(y.dtype)
+        new = None
+        if return_state:
+            x0 = state["x"] if state is not None else None
+            new = {"x": self._final_state(x0, ut, L - n_pad)}
+        return y.transpose(1, 2), new  # (B, L, H)
+
+    def scan(
+        self,
+        x: torch.Tensor,
+        *,
+        state: State | None = None,
+        mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        return_state: bool = False,
+    ) -> tuple[torch.Tensor, State | None]:
+        """FFT-convolution path: ``x (B, L, D)`` -> ``y (B, L, D)`` and, if asked, the state after the last token.
+
+        With ``cu_seqlens`` the carried-in and returned states hold one row per packed sequence.
+        """
+        if not self.causal and (state is not None or return_state):
+            raise ValueError("s4: a bidirectional layer has no recurrent state; call it without a cache.")
+        if cu_seqlens is not None:
+            if mask is not None:
+                raise ValueError("s4: pass either attention_mask (padding) or cu_seqlens (packing), not both.")
+            return self._scan_packed(x, state, cu_seqlens, return_state)
+        n_pad = None
+        if mask is not None:
+            n_pad = self._check_padding(mask, need_left=state is not None or return_state)
+            x = x * mask[..., None].to(x.dtype)
+        y, new = self._convolve(x, self.kernel(x.shape[1]), state, n_pad, return_state)
+        return self._output(y), new
+
+    def _scan_packed(
+        self, x: torch.Tensor, state: State | None, cu_seqlens: torch.Tensor, return_state: bool
+    ) -> tuple[torch.Tensor, State | None]:
+        if x.shape[0] != 1:
+            raise ValueError(f"s4: packed input (cu_seqlens) must have batch size 1; got {x.shape[0]}.")
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0 or cu[-1] != x.shape[1] or any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"s4: cu_seqlens must rise from 0 to the packed length {x.shape[1]}; got {cu}.")
+        k = self.kernel(max(1, *(b - a for a, b in zip(cu, cu[1:]))))  # one kernel; each sequence uses its first taps
+        ys, states = [], []
+        for i, (a, b) in enumerate(zip(cu, cu[1:])):
+            st = {n: v[i : i + 1] for n, v in state.items()} if state is not None else None
+            if a == b:  # an empty sequence: no output, the state passes through
+                empty = st if st is not None else self.init_state(1, device=x.device, dtype=x.dtype)
+                ys.append(x[:, a:b])
+                states.append(empty if return_state else None)
+                continue
+            y, new = self._convolve(x[:, a:b], k, st, None, return_state)
+            ys.append(y)
+            states.append(new)
+        y = torch.cat(ys, dim=1)
+        new = {"x": torch.cat([s["x"] for s in states])} if return_state else None
+        return self._output(y), new
+
+    def _check_padding(self, mask: torch.Tensor, *, need_left: bool) -> torch.Tensor | None:
+        """Padding must be contiguous at the ends of each row; returns the left pads per row if ``need_left``."""
+        m = mask.bool()
+        L = m.shape[1]
+        n_real = m.sum(1)
+        first = torch.where(n_real > 0, m.int().argmax(1), torch.full_like(n_real, L))
+        t = torch.arange(L, device=m.device)
+        contiguous = torch.equal(m, (t >= first[:, None]) & (t < (first + n_real)[:, None]))
+        left = torch.equal(first + n_real, torch.full_like(n_real, L))
+        if not contiguous or (need_left and not left):
+            raise ValueError(
+                "s4: a convolution can only skip padding at the ends of a row; pad on the left (real tokens last), "
+                "as generation does, or pack the sequences with cu_seqlens."
+            )
+        return L - n_real if need_left else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        cache=None,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(B, L, D) -> (B, L, D)``; causal layers go through the cache logic of :class:`RecurrentMixer`."""
+        if self.causal:
+            return super().forward(x, cache=cache, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
+        if cache is not None:
+            raise ValueError("s4: a bidirectional layer has no recurrent state to cache; call it without a cache.")
+        mask = attention_mask[:, -x.shape[1] :] if attention_mask is not None else None
+        return self.scan(x, mask=mask, cu_seqlens=cu_seqlens)[0]
+
+    # ----- recurrent view -----------------------------------------------------------------------
+    def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """One token ``x (B, D)`` -> ``y (B, D)``: ``x_t = A_bar x_{t-1} + B_bar u_t``, ``y = 2 Re(C x_t) + D u``."""
+        if not self.causal:
+            return super(RecurrentMixer, self).step(x, state)
+        dt, A, B, C, _ = self._params()
+        xs = state["x"]
+        u = x.to(dt.dtype)  # (B, H)
+        if self.mode == "s4d":
+            dtA = dt[:, None] * A
+            xs = torch.exp(dtA) * xs + (B * torch.expm1(dtA) / A) * u[..., None]  # (B, H, N2)
+        else:
+            N2 = A.shape[-1]
+            _, dA, _, dB = self._dense()
+            xf = torch.cat([xs, xs.conj()], dim=-1)  # (B, H, N)
+            xs = (dA[:, :N2] @ xf[..., None])[..., 0] + dB[:, :N2] * u[..., None]
+        y = 2 * (C * xs).sum(-1).real + self.D.to(dt.dtype) * u  # (B, H)
+        return self._output(y.to(x.dtype)), {"x": xs}
+
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
+        if not self.causal:
+            return super(RecurrentMixer, self).init_state(batch_size, device=device, dtype=dtype)
+        rt = torch.promote_types(dtype or torch.float32, torch.float32)
+        return {"x": torch.zeros(batch_size, self.d_model, self.d_state // 2, dtype=_complex_of(rt), device=device)}
+
+    def state_size(self) -> int:
+        """Floats of SSM state per sequence (N/2 complex modes per channel; a bidirectional layer has two)."""
+        return self.d_model * self.d_state * (1 if self.causal else 2)

@@ -1,0 +1,74 @@
+"""chunk_gla: the chunked torch path against the sequential recurrent loop, forward + backward.
+
+    python scripts/bench_gla.py                  # CPU, L=4096, B=2, H=4, K=V=64, chunk 64, float32
+    python scripts/bench_gla.py --device cuda    # adds the Triton kernel (bf16 inputs)
+
+Both decay kinds are timed: a scalar log-decay per head (RetNet, SSD) and one per key dim (GLA).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from zoo.bench import median_time, record
+from zoo.kernels.gla import chunk_gla
+from zoo.kernels.gla.reference import gla_recurrent
+
+
+def inputs(B: int, L: int, H: int, K: int, *, per_key: bool, device, dtype) -> list[torch.Tensor]:
+    """Random q, k, v and a log-decay in (-inf, 0) (per head or per key dim), requiring grad."""
+    q, k, v = (torch.randn(B, L, H, K, device=device) for _ in range(3))
+    g = F.logsigmoid(torch.randn(B, L, H, *((K,) if per_key else ()), device=device) + 3)
+    return [x.to(dtype).requires_grad_() for x in (q, k, v, g)]
+
+
+def fwd_bwd(fn, xs: list[torch.Tensor], **kw) -> None:
+    o, _ = fn(*xs, **kw)
+    o.float().sum().backward()
+    for x in xs:
+        x.grad = None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--length", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for per_key in (False, True):
+        torch.manual_seed(0)
+        xs = inputs(args.batch, args.length, args.heads, args.head_dim, per_key=per_key, device=device, dtype=dtype)
+        runs = {
+            "recurrent loop (reference.py)": lambda xs=xs: fwd_bwd(gla_recurrent, xs),
+            "chunked torch": lambda xs=xs: fwd_bwd(chunk_gla, xs, chunk_size=args.chunk, backend="torch"),
+        }
+        if device.type == "cuda":
+            runs["triton"] = lambda xs=xs: fwd_bwd(chunk_gla, xs, chunk_size=args.chunk, backend="triton")
+        times = {name: median_time(fn, repeats=args.repeats, warmup=1, device=device) for name, fn in runs.items()}
+        base = times["recurrent loop (reference.py)"]
+        kind = "per key dim" if per_key else "scalar per head"
+        rows += [[kind, name, t * 1e3, base / t] for name, t in times.items()]
+    record(
+        "chunk_gla: chunked vs recurrent, forward + backward",
+        ["decay", "path", "fwd+bwd ms (median)", "speed-up vs recurrent"],
+        rows,
+        device=device,
+        notes=(
+            f"B={args.batch}, L={args.length}, H={args.heads}, K=V={args.head_dim}, chunk {args.chunk}, "
+            f"{str(dtype).removeprefix('torch.')}; median of {args.repeats} after 1 warm-up; shared machine."
+        ),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""The ``zoo`` command line: ``zoo list | train | eval | generate`` (and any command added with :func:`command`).
+
+A subcommand is one function decorated with ``@command(name, help, arg(...), ...)``; it receives the parsed
+``argparse.Namespace`` (plus ``overrides``: the ``key.path=value`` words) and returns an exit code. Problems
+with the user's input (configs, checkpoints, files) print one line ``error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Command:
+    """A registered subcommand: its name, help line, argparse arguments and the function that runs it."""
+
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    args: list[tuple[tuple, dict]] = field(default_factory=list)
+    overrides: bool = False  # accepts trailing key.path=value words
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def arg(*flags: str, **kwargs: Any) -> tuple[tuple, dict]:
+    """One ``parser.add_argument(*flags, **kwargs)`` call, for :func:`command`."""
+    return flags, kwargs
+
+
+def command(name: str, help: str, *args: tuple[tuple, dict], overrides: bool = False):
+    """Register the decorated function as ``zoo <name>``."""
+
+    def deco(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = Command(name=name, help=help, run=fn, args=list(args), overrides=overrides)
+        return fn
+
+    return deco
+
+
+class UsageError(ValueError):
+    """A command-line mistake, printed as one ``error:`` line."""
+
+
+def _split_overrides(words: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate ``key.path=value`` words from config paths (an existing file named with '=' stays a path)."""
+    paths, overrides = [], []
+    for w in words:
+        (overrides if "=" in w and not os.path.exists(w) else paths).append(w)
+    return paths, overrides
+
+
+def _task_path(name: str) -> str:
+    """A task YAML path; a bare name like ``mqar`` means ``configs/tasks/mqar.yaml``."""
+    from zoo.config import CONFIG_DIR
+
+    if os.path.exists(name):
+        return name
+    cand = CONFIG_DIR / "tasks" / f"{name}.yaml"
+    return str(cand) if cand.is_file() else name
+
+
+# ----- zoo list --------------------------------------------------------------------------------------
+
+@command("list", "list the registered mixers (causal? one-token step path? what it is)")
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print one line per registered mixer."""
+    import zoo
+
+    names = zoo.list_mixers()
+    width = max([len(n) for n in names] + [5])
+    print(f"{'mixer':<{width}}  causal  step  description")
+    for name in names:
+        cls = zoo.get_mixer(name)
+        doc = (cls.__doc__ or "").replace("``", "").strip().splitlines()
+        yes = {True: "yes", False: "no"}
+        causal = yes.get(getattr(cls, "causal", True), "?")
+        step = yes.get(getattr(cls, "has_step", True), "?")
+        print(f"{name:<{width}}  {causal:<6}  {step:<4}  {doc[0] if doc else ''}")
+    return 0
+
+
+# ----- zoo train -------------------------------------------------------------------------------------
+
+@command(
+    "train",
+    "train a model: zoo train CONFIG [CONFIG ...] --out DIR [--resume] [key.path=value ...]",
+    arg("configs", nargs="*", metavar="CONFIG", help="YAML files (or configs/ names) deep-merged in order"),
+    arg("--task", action="append", default=[], metavar="TASK_YAML", help="task YAML merged after the configs"),
+    arg("--out", required=True, help="run directory: metrics.jsonl, curves.png, checkpoint-<step>/, final/"),
+    arg("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+        help="continue the run in --out from its latest checkpoint (or from CHECKPOINT)"),
+    arg("--overwrite", action="store_true", help="replace a finished or partial run already in --out"),
+    overrides=True,
+)
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train, then print the final accuracy, the checkpoint path and how to load it."""
+    import zoo
+    from zoo.train import train
+    from zoo.train.checkpoint import latest_checkpoint, load_run_config, resolve_checkpoint
+
+    sources: list[Any] = list(args.configs) + [_task_path(t) for t in args.task]
+    if not args.configs:
+        if not args.resume:
+            raise UsageError("zoo train needs a CONFIG YAML (e.g. configs/attention.yaml), or --resume with --out.")
+        ckpt = latest_checkpoint(args.out) if args.resume is True else resolve_checkpoint(args.resume)
+        saved = load_run_config(ckpt) if ckpt is not None else None
+        if saved is None:
+            raise UsageError(f"--resume: {args.out} holds no checkpoint with zoo_run.yaml; pass the CONFIG again.")
+        sources.insert(0, saved)
+    run = zoo.load_config(sources, args.overrides)
+    model_desc = "+".join(dict.fromkeys(run.model.mixer_names))
+    print(f"training {model_desc} ({run.model.n_layers} layers, d_model {run.model.d_model}) on task "
+          f"{run.task.name} for {run.train.steps} steps -> {args.out}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        result = train(run, args.out, resume=args.resume, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with the same command plus --resume (from the latest checkpoint in {args.out}).",
+              file=sys.stderr)
+        return 130
+    minutes = (time.perf_counter() - t0) / 60
+    path = Path(result.checkpoint).resolve() if result.checkpoint else None
+    acc = f"{result.eval_accuracy:.4f}" if result.eval_accuracy is not None else "n/a"
+    loss = f"{result.eval_loss:.4f}" if result.eval_loss is not None else "n/a"
+    print(f"final eval accuracy {acc} (eval loss {loss}) after {result.step} steps in {minutes:.1f} min")
+    print(f"metrics: {Path(args.out) / 'metrics.jsonl'}   curves: {Path(args.out) / 'curves.png'}")
+    if path is not None:
+        print(f"checkpoint: {path}")
+        print("load it with:")
+        print("    import zoo; from transformers import AutoModelForCausalLM")
+        print(f'    model = AutoModelForCausalLM.from_pretrained("{path}")')
+    return 0
+
+
+# ----- zoo eval --------------------------------------------------------------------------------------
+
+@command(
+    "eval",
+    "task loss and accuracy of a zoo checkpoint: zoo eval CHECKPOINT [--task TASK_YAML] [key.path=value ...]",
+    arg("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint is used)"),
+    arg("--task", action="append", default=[], metavar="TASK_YAML", help="evaluate on this task instead"),
+    arg("--json", action="store_true", help="print the result as one JSON object"),
+    overrides=True,
+)
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint on its own task (from zoo_run.yaml) or on the task given."""
+    import zoo
+    from zoo.data import build_task
+    from zoo.train.checkpoint import load_run_config, quiet_hf_progress, resolve_checkpoint
+    from zoo.train.loop import _check_vocab, evaluate, resolve_device
+
+    ckpt = resolve_checkpoint(args.checkpoint)
+    saved = load_run_config(ckpt) or {}
+    base = {k: v for k, v in saved.items() if k in ("train", "task")}
+    run = zoo.load_config([base, *[_task_path(t) for t in args.task]], args.overrides)
+    with quiet_hf_progress():
+        model = zoo.ZooForCausalLM.from_pretrained(ckpt)
+    _, eval_set = build_task(run.task)
+    _check_vocab(model.config.vocab_size, eval_set, run.task)
+    device = resolve_device(run.train.device)
+    model.to(device)
+    res = evaluate(model, eval_set, batch_size=run.train.eval_batch_size or run.train.batch_size,
+                   max_batches=run.train.eval_batches, device=device, precision=run.train.precision)
+    res = {"checkpoint": str(ckpt), "task": run.task.name, **res}
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{ckpt}: task {res['task']}  eval loss {res['loss']:.4f}  accuracy {res['accuracy']:.4f}  "
+              f"({res['examples']} examples)")
+    return 0
+
+
+# ----- zoo generate ----------------------------------------------------------------------------------
+
+@command(
+    "generate",
+    "continue a prompt with a zoo checkpoint: zoo generate CHECKPOINT --prompt TEXT [--max-new-tokens N]",
+    arg("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint is used)"),
+    arg("--prompt", help="text prompt (tokenised with the checkpoint's tokenizer, else the byte tokenizer)"),
+    arg("--ids", help="prompt as token ids, e.g. '12 7 300' (for synthetic-task models); prints ids"),
+    arg("--tokenizer", help="'byte' or a local tokenizer folder (default: the checkpoint's, else byte)"),
+    arg("--max-new-tokens", type=int, default=32),
+    arg("--do-sample", action="store_true", help="sample instead of greedy decoding"),
+    arg("--temperature", type=float, default=1.0),
+    arg("--top-k", type=int, default=None),
+    arg("--top-p", type=float, default=None),
+    arg("--num-beams", type=int, default=1),
+    arg("--seed", type=int, default=0),
+)
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate a continuation and print it."""
+    import torch
+
+    import zoo
+    from zoo.data.tokenizer import load_tokenizer
+    from zoo.train.checkpoint import quiet_hf_progress, resolve_checkpoint
+
+    if (args.prompt is None) == (args.ids is None):
+        raise UsageError("zoo generate needs exactly one of --prompt TEXT or --ids '1 2 3'.")
+    ckpt = resolve_checkpoint(args.checkpoint)
+    with quiet_hf_progress():
+        model = zoo.ZooForCausalLM.from_pretrained(ckpt)
+    model.eval()
+    vocab = model.config.vocab_size
+    tok = None
+    if args.ids is not None:
+        try:
+            ids = [int(t) for t in args.ids.replace(",", " ").split()]
+        except ValueError:
+            raise UsageError(f"--ids {args.ids!r}: expected integers separated by spaces, e.g. '12 7 300'.") from None
+        if not ids or max(ids) >= vocab or min(ids) < 0:
+            raise UsageError(f"--ids must be non-empty token ids in [0, {vocab}) for {ckpt}.")
+    else:
+        name = args.tokenizer or (str(ckpt) if (ckpt / "tokenizer_config.json").is_file() else "byte")
+        tok = load_tokenizer(name)
+        if len(tok) > vocab:
+            raise UsageError(
+                f"tokenizer {name!r} has {len(tok)} tokens but {ckpt} has model.vocab_size={vocab}; "
+                "pass --tokenizer for the one it was trained with, or --ids for a synthetic-task model."
+            )
+        ids = tok(args.prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise UsageError("--prompt is empty; give some text to continue.")
+    torch.manual_seed(args.seed)
+    input_ids = torch.tensor([ids])
+    gen_kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
+                                  "num_beams": args.num_beams}
+    if args.do_sample:
+        gen_kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else (
+        tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0)
+    with torch.no_grad():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), pad_token_id=pad, **gen_kwargs)
+    new = out[0, input_ids.shape[1]:].tolist()
+    if tok is None:
+        print(" ".join(str(i) for i in ids + new))
+    else:
+        print(args.prompt + tok.decode(new, skip_special_tokens=True))
+    return 0
+
+
+# ----- entry point -----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``zoo`` parser with one subparser per registered command."""
+    parser = argparse.ArgumentParser(prog="zoo", description="seq-zoo: efficient sequence architectures.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        for flags, kwargs in cmd.args:
+            p.add_argument(*flags, **kwargs)
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(str(msg).split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``zoo`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    from zoo.config import ConfigError
+    from zoo.train.checkpoint import CheckpointError
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    cmd = COMMANDS[args.command]
+    args.overrides = []
+    if cmd.overrides:
+        if hasattr(args, "configs"):
+            args.configs, args.overrides = _split_overrides(args.configs)
+        resume = getattr(args, "resume", None)
+        if isinstance(resume, str) and "=" in resume and not os.path.exists(resume):
+            args.overrides.append(resume)  # `--resume key=value`: the word after a bare --resume is an override
+            args.resume = True
+        words, more = _split_overrides(extra)
+        args.overrides += more
+        extra = [w for w in words if w.startswith("-")]
+        if hasattr(args, "configs"):  # config paths given after an option
+            args.configs += [w for w in words if not w.startswith("-")]
+        else:
+            extra = words
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return cmd.run(args)
+    except (ConfigError, CheckpointError, UsageError, FileNotFoundError, ValueError, KeyError) as e:
+        if os.environ.get("ZOO_DEBUG"):
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,561 @@
+"""Fine-tuning a zoo model with transformers' ``Trainer``: causal LM or sequence classifier, optional LoRA.
+
+Data comes from local json/jsonl/csv/parquet/text files through HF ``datasets`` (or a named hub dataset when
+a network is there). Causal-LM documents can be packed several to a row: the collator concatenates them into
+one ``(1, T)`` row and emits ``cu_seqlens``, so no information and no loss term crosses a document boundary.
+
+Python: :func:`finetune`; command line: ``zoo finetune`` (:func:`add_finetune_parser` / :func:`run_finetune`)
+or ``python scripts/finetune.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+TASKS = ("causal_lm", "classification")
+
+
+class FinetuneError(ValueError):
+    """A fine-tuning input problem, stated in one sentence naming the fix."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything one fine-tuning run needs (the command-line flags map one to one onto these fields)."""
+
+    model: str  # a zoo checkpoint folder (config.json + safetensors) or a config YAML for a fresh model
+    data: str  # a local data file / folder, or a hub dataset name
+    out: str  # output folder: Trainer checkpoints, then final/ with the model and tokenizer
+    task: Literal["causal_lm", "classification"] = "causal_lm"
+    eval_data: str | None = None  # held-out file; None: no evaluation
+    text_column: str = "text"
+    label_column: str = "label"  # classification only
+    tokenizer: str | None = None  # "byte", a local tokenizer folder, or None: the checkpoint's own, else byte
+    seq_len: int = 512  # max tokens per document (longer causal-LM documents are split, classifier inputs cut)
+    pack: bool = False  # causal LM: pack documents into rows of seq_len tokens with cu_seqlens
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 8  # examples (packed rows when pack=True) per device step
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA when supported, else fp32
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: list[str] | None = None  # None: every Linear named *proj inside the mixers (default_lora_targets)
+    resize_embeddings: bool = False  # grow the embedding when the tokenizer has more tokens than the model
+    resume: bool = False  # continue from the newest checkpoint-* in `out`
+    save_steps: int = 0  # 0: one checkpoint at the end
+    logging_steps: int = 10
+    eval_steps: int = 0  # 0: evaluate at the end only (when eval_data is set)
+    seed: int = 0
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # further TrainingArguments, passed through
+
+
+# ----- data ------------------------------------------------------------------------------------------
+
+def load_table(source: str, *, key: str = "--data"):
+    """A ``datasets.Dataset`` from a local file / folder (format from the extension) or a hub dataset name."""
+    import datasets
+
+    from zoo.data.text import FORMATS
+
+    p = Path(os.path.expanduser(source))
+    if p.is_dir():
+        files = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in FORMATS)
+        if not files:
+            raise FinetuneError(f"{key}: folder {source!r} holds no {'/'.join(sorted(FORMATS))} files; add a data file.")
+    elif p.is_file():
+        files = [str(p)]
+    else:
+        files = []
+    if files:
+        formats = {FORMATS.get(Path(f).suffix.lower()) for f in files}
+        if None in formats or len(formats) != 1:
+            raise FinetuneError(
+                f"{key}: cannot read {source!r}; use files of one format with extension {', '.join(sorted(FORMATS))}."
+            )
+        return datasets.load_dataset(formats.pop(), data_files=files, split="train")
+    try:
+        return datasets.load_dataset(source, split="train")
+    except Exception as e:  # offline, unknown name, ...: one message for all of them
+        raise FinetuneError(
+            f"{key}: {source!r} is not a local file and could not be loaded as a hub dataset ({type(e).__name__}); "
+            "pass a local json/jsonl/csv/parquet/txt file."
+        ) from None
+
+
+def _column(table, column: str, source: str, flag: str) -> list:
+    if column not in table.column_names:
+        raise FinetuneError(
+            f"{flag}: column {column!r} is not in {source!r}; its columns are {', '.join(table.column_names)}. "
+            f"Pass {flag} with one of them."
+        )
+    return table[column]
+
+
+def encode_documents(texts: list[str], tokenizer) -> list[list[int]]:
+    """Token ids of each text (no special tokens added)."""
+    from zoo.data.tokenizer import ByteTokenizer
+
+    if isinstance(tokenizer, ByteTokenizer):
+        return [list(t.encode("utf-8")) for t in texts]
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def split_documents(docs: list[list[int]], seq_len: int, eos_id: int | None) -> list[list[int]]:
+    """Each document followed by eos, cut into pieces of at most ``seq_len`` tokens (empty documents dropped)."""
+    out = []
+    for d in docs:
+        d = list(d) + ([eos_id] if eos_id is not None else [])
+        out.extend(d[i : i + seq_len] for i in range(0, len(d), seq_len) if len(d) > (eos_id is not None))
+    return [p for p in out if p]
+
+
+def pack_documents(pieces: list[list[int]], seq_len: int) -> list[dict[str, list[int]]]:
+    """Greedy in-order packing: consecutive pieces share a row while their total stays within ``seq_len``."""
+    rows: list[dict[str, list[int]]] = []
+    cur_ids: list[int] = []
+    cur_len: list[int] = []
+    for p in pieces:
+        if cur_ids and len(cur_ids) + len(p) > seq_len:
+            rows.append({"input_ids": cur_ids, "lengths": cur_len})
+            cur_ids, cur_len = [], []
+        cur_ids = cur_ids + list(p)
+        cur_len.append(len(p))
+    if cur_ids:
+        rows.append({"input_ids": cur_ids, "lengths": cur_len})
+    return rows
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """A list of feature dicts as a torch dataset."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+class PackedCollator:
+    """Concatenate packed rows into one ``(1, T)`` row and emit ``cu_seqlens`` (one entry per document).
+
+    Labels equal the inputs; the model shifts them and ``causal_lm_loss`` drops the prediction that would cross
+    a document boundary, so every document's loss is what it would be on its own.
+    """
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        ids = [t for f in features for t in f["input_ids"]]
+        lengths = [n for f in features for n in f["lengths"]]
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
+        x = torch.tensor(ids, dtype=torch.long)[None]
+        return {"input_ids": x, "labels": x.clone(), "cu_seqlens": cu}
+
+
+class PaddedCollator:
+    """Right-pad a batch; causal-LM labels are the inputs with ``-100`` on padding, classifier labels pass through."""
+
+    def __init__(self, pad_id: int, *, classification: bool = False) -> None:
+        self.pad_id = pad_id
+        self.classification = classification
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        T = max(len(f["input_ids"]) for f in features)
+        x = torch.full((len(features), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(features), T, dtype=torch.long)
+        for i, f in enumerate(features):
+            x[i, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+            mask[i, : len(f["input_ids"])] = 1
+        out = {"input_ids": x, "attention_mask": mask}
+        if self.classification:
+            out["labels"] = torch.tensor([f["label"] for f in features], dtype=torch.long)
+        else:
+            out["labels"] = x.masked_fill(mask == 0, IGNORE_INDEX)
+        return out
+
+
+def per_document_loss(logits: torch.Tensor, input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of each packed document: ``(N,)`` from ``(1, T, V)`` logits of one packed row."""
+    out = []
+    for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        out.append(nn.functional.cross_entropy(logits[0, a : b - 1].float(), input_ids[0, a + 1 : b]))
+    return torch.stack(out)
+
+
+def build_label_map(labels: list) -> dict:
+    """``label value -> class id``: integers map to themselves, strings to their sorted order."""
+    if any(v is None for v in labels):
+        raise FinetuneError("--label-column: some rows have no label; remove them or fill the label column.")
+    if all(isinstance(v, bool) or isinstance(v, int) for v in labels):
+        if min(labels) < 0:
+            raise FinetuneError("--label-column: integer labels must be 0..num_labels-1; renumber the negative ones.")
+        return {i: i for i in range(max(labels) + 1)}
+    if all(isinstance(v, str) for v in labels):
+        return {v: i for i, v in enumerate(sorted(set(labels)))}
+    raise FinetuneError("--label-column: labels must be all integers or all strings; convert the column to one kind.")
+
+
+# ----- model, tokenizer, LoRA --------------------------------------------------------------------------
+
+def is_checkpoint(path: str | Path) -> bool:
+    """True for a folder holding a saved model (``config.json``)."""
+    return (Path(path) / "config.json").is_file()
+
+
+def load_tokenizer_for(model_path: str, tokenizer: str | None):
+    """The tokenizer named by ``tokenizer``; None: the one saved beside the checkpoint, else the byte tokenizer."""
+    from zoo.data.tokenizer import load_tokenizer
+
+    if tokenizer is None:
+        p = Path(model_path)
+        has_own = p.is_dir() and any((p / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json"))
+        tokenizer = str(p) if has_own else "byte"
+    try:
+        return load_tokenizer(tokenizer)
+    except (OSError, ValueError) as e:
+        raise FinetuneError(str(e).replace("task.tokenizer", "--tokenizer")) from None
+
+
+def load_model(model_path: str, task: str, *, num_labels: int | None = None, id2label: dict | None = None):
+    """A ``ZooForCausalLM`` / ``ZooForSequenceClassification`` from a checkpoint folder or a fresh one from a YAML."""
+    import zoo  # noqa: F401  (registers the Auto* classes)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task not in TASKS:
+        raise FinetuneError(f"--task: {task!r} is not a task; choose one of {', '.join(TASKS)}.")
+    extra = {}
+    if task == "classification":
+        extra = {"num_labels": num_labels, "id2label": id2label, "label2id": {v: k for k, v in (id2label or {}).items()}}
+    if is_checkpoint(model_path):
+        if task == "causal_lm":
+            return AutoModelForCausalLM.from_pretrained(str(Path(model_path).resolve()))
+        return AutoModelForSequenceClassification.from_pretrained(
+            str(Path(model_path).resolve()), ignore_mismatched_sizes=True, **extra
+        )
+    p = Path(model_path)
+    if p.suffix.lower() in (".yaml", ".yml") and p.is_file():
+        run = zoo.load_config(str(p))
+        if task == "classification":
+            run.model.num_labels = num_labels
+            run.model.id2label, run.model.label2id = extra["id2label"], extra["label2id"]
+        return zoo.build_model(run, head="causal_lm" if task == "causal_lm" else "classification")
+    raise FinetuneError(
+        f"--model: {model_path!r} is neither a checkpoint folder with config.json nor a config YAML; "
+        "pass the folder written by `zoo train` / save_pretrained or a configs/*.yaml file."
+    )
+
+
+def check_vocab(model, tokenizer, *, resize: bool) -> None:
+    """Fail (or grow the embedding when ``resize``) when the tokenizer has more ids than the model's vocabulary."""
+    n_tok, n_model = len(tokenizer), model.config.vocab_size
+    if n_tok <= n_model:
+        return
+    if not resize:
+        raise FinetuneError(
+            f"--tokenizer: the tokenizer has {n_tok} tokens but the model's vocabulary has {n_model}; use the "
+            "tokenizer the model was trained with (e.g. byte) or pass --resize-embeddings to grow the embedding."
+        )
+    model.resize_token_embeddings(n_tok)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Sorted leaf names of every ``nn.Linear`` inside the mixers (what LoRA can target)."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and ".mixer." in f".{name}.":
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def default_lora_targets(model: nn.Module) -> list[str]:
+    """Leaf names of the mixers' ``nn.Linear`` projections named ``*proj`` (q/k/v/o_proj, in/out/x/dt_proj, ...)."""
+    targets = [n for n in linear_names(model) if n.endswith("proj")]
+    return targets or linear_names(model)
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def apply_lora(model: nn.Module, cfg: FinetuneConfig):
+    """Wrap ``model`` in a peft ``PeftModel`` with LoRA on ``cfg.lora_targets`` (default: every mixer *proj)."""
+    try:
+        from peft import LoraConfig, TaskType, get_peft_model
+    except ImportError:
+        raise FinetuneError("--lora needs peft; install it with pip install 'seq-zoo[peft]'.") from None
+    targets = list(cfg.lora_targets or default_lora_targets(model))
+    linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = [t for t in targets if not any(_matches(n, t) for n in linear)]
+    if missing:
+        raise FinetuneError(
+            f"--lora-targets: {', '.join(missing)} match no Linear layer of this model; choose among "
+            f"{', '.join(linear_names(model))}."
+        )
+    task_type = TaskType.CAUSAL_LM if cfg.task == "causal_lm" else TaskType.SEQ_CLS
+    lcfg = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+        task_type=task_type, modules_to_save=["score"] if cfg.task == "classification" else None,
+    )
+    return get_peft_model(model, lcfg)
+
+
+def load_finetuned(path: str | Path, *, merge: bool = True):
+    """A fine-tuned model from ``path``: a full checkpoint, or a LoRA adapter folder (merged into its base)."""
+    import zoo  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    p = Path(path)
+    if (p / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        meta = json.loads((p / "adapter_config.json").read_text())
+        base_path = meta.get("base_model_name_or_path")
+        if not base_path or not is_checkpoint(base_path):
+            raise FinetuneError(
+                f"{p}: the adapter's base model {base_path!r} is not a local checkpoint; fix base_model_name_or_path "
+                "in adapter_config.json."
+            )
+        seq_cls = meta.get("task_type") == "SEQ_CLS"
+        if seq_cls:
+            found = [f for f in (p / "finetune_config.json", p.parent / "finetune_config.json") if f.is_file()]
+            info = json.loads(found[0].read_text()) if found else {}
+            id2label = {int(k): v for k, v in (info.get("id2label") or {}).items()} or None
+            base = AutoModelForSequenceClassification.from_pretrained(
+                base_path, num_labels=len(id2label or {0: 0, 1: 1}), id2label=id2label, ignore_mismatched_sizes=True
+            )
+        else:
+            base = AutoModelForCausalLM.from_pretrained(base_path)
+        model = PeftModel.from_pretrained(base, str(p))
+        return model.merge_and_unload() if merge else model
+    if not is_checkpoint(p):
+        raise FinetuneError(f"{p} holds neither config.json nor adapter_config.json; pass a folder written by finetune.")
+    cfg = json.loads((p / "config.json").read_text())
+    archs = cfg.get("architectures") or []
+    cls = AutoModelForSequenceClassification if "ZooForSequenceClassification" in archs else AutoModelForCausalLM
+    return cls.from_pretrained(str(p))
+
+
+# ----- the run ---------------------------------------------------------------------------------------
+
+def _datasets(cfg: FinetuneConfig, tokenizer, label_map: dict | None):
+    def build(source: str, flag: str):
+        table = load_table(source, key=flag)
+        text_col = "text" if "text" in table.column_names and len(table.column_names) == 1 else cfg.text_column
+        texts = _column(table, text_col, source, "--text-column")
+        keep = [i for i, t in enumerate(texts) if t]
+        docs = encode_documents([texts[i] for i in keep], tokenizer)
+        if cfg.task == "classification":
+            labels = _column(table, cfg.label_column, source, "--label-column")
+            rows = []
+            for i, d in zip(keep, docs):
+                if labels[i] not in label_map:
+                    raise FinetuneError(
+                        f"{flag}: label {labels[i]!r} does not occur in the training data; add it there or drop the row."
+                    )
+                rows.append({"input_ids": d[: cfg.seq_len], "label": label_map[labels[i]]})
+            return ListDataset(rows)
+        pieces = split_documents(docs, cfg.seq_len, tokenizer.eos_token_id)
+        if cfg.pack:
+            return ListDataset(pack_documents(pieces, cfg.seq_len))
+        return ListDataset([{"input_ids": p} for p in pieces])
+
+    train = build(cfg.data, "--data")
+    if len(train) == 0:
+        raise FinetuneError(f"--data: {cfg.data!r} holds no non-empty text; check the file and --text-column.")
+    evalset = build(cfg.eval_data, "--eval-data") if cfg.eval_data else None
+    return train, evalset
+
+
+def _labels_of(cfg: FinetuneConfig) -> dict | None:
+    if cfg.task != "classification":
+        return None
+    table = load_table(cfg.data, key="--data")
+    return build_label_map(list(_column(table, cfg.label_column, cfg.data, "--label-column")))
+
+
+def _precision(cfg: FinetuneConfig) -> bool:
+    if cfg.precision == "bf16":
+        if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+            raise FinetuneError("--precision bf16 needs a CUDA GPU with bf16 support; use --precision fp32 on this machine.")
+        return True
+    return cfg.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _atomic_save(model, tokenizer, cfg: FinetuneConfig, dest: Path, extra: dict) -> None:
+    """Write ``dest`` (full model + tokenizer + settings; LoRA: also ``adapter/``) through a temporary folder."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if hasattr(model, "merge_and_unload"):  # a PeftModel: keep the adapter, save the merged model beside it
+        model.save_pretrained(str(tmp / "adapter"))
+        model = model.merge_and_unload()
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / "finetune_config.json").write_text(json.dumps({**dataclasses.asdict(cfg), **extra}, indent=2, default=str))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+
+
+def finetune(cfg: FinetuneConfig | None = None, **kwargs) -> dict:
+    """Run one fine-tuning job; returns ``{"final": path, "train_loss": ..., "eval_loss": ... (when evaluated)}``.
+
+    Pass a :class:`FinetuneConfig` or its fields as keyword arguments.
+    """
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    cfg = cfg or FinetuneConfig(**kwargs)
+    for name in ("seq_len", "batch_size", "grad_accum"):
+        if getattr(cfg, name) < 1:
+            raise FinetuneError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)}).")
+    if cfg.pack and cfg.task != "causal_lm":
+        raise FinetuneError("--pack applies to causal-LM fine-tuning only; drop --pack for --task classification.")
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer_for(cfg.model, cfg.tokenizer)
+    label_map = _labels_of(cfg)
+    id2label = {i: str(v) for v, i in label_map.items()} if label_map else None
+    model = load_model(cfg.model, cfg.task, num_labels=len(label_map) if label_map else None, id2label=id2label)
+    check_vocab(model, tokenizer, resize=cfg.resize_embeddings)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_id
+    train, evalset = _datasets(cfg, tokenizer, label_map)
+    if cfg.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
+    if cfg.lora:
+        model = apply_lora(model, cfg)
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+    collator = PackedCollator() if cfg.pack else PaddedCollator(pad_id, classification=cfg.task == "classification")
+    out = Path(cfg.out)
+    bf16 = _precision(cfg)
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        max_grad_norm=cfg.max_grad_norm,
+        gradient_accumulation_steps=cfg.grad_accum,
+        bf16=bf16,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps > 0 else "no",
+        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
+        eval_strategy="steps" if evalset is not None and cfg.eval_steps > 0 else "no",
+        eval_steps=cfg.eval_steps if cfg.eval_steps > 0 else None,
+        report_to="none",
+        seed=cfg.seed,
+        disable_tqdm=not cfg.progress,
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        **cfg.extra,
+    )
+    trainer = Trainer(model=model, args=args, data_collator=collator, train_dataset=train, eval_dataset=evalset)
+    trainer.model_accepts_loss_kwargs = False  # the zoo models average their own loss; Trainer scales for accumulation
+    resume = None
+    if cfg.resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if resume is None:
+            raise FinetuneError(
+                f"--resume: {str(out)!r} holds no checkpoint-* folder; run once with --save-steps N first, or drop --resume."
+            )
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics: dict[str, Any] = {"train_loss": float(result.training_loss), "steps": int(result.global_step)}
+    if evalset is not None:
+        metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
+    final = out / "final"
+    _atomic_save(trainer.model, tokenizer, cfg, final, {"id2label": id2label, **metrics})
+    metrics["final"] = str(final)
+    (out / "finetune_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+# ----- command line ----------------------------------------------------------------------------------
+
+_HELP = {
+    "model": "zoo checkpoint folder (or one made by `zoo convert`), or a config YAML for a fresh model",
+    "data": "local json/jsonl/csv/parquet/txt file or folder (or a hub dataset name when online)",
+    "out": "output folder",
+}
+
+
+def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``finetune`` sub-command to an argparse ``subparsers`` object and return its parser."""
+    p = subparsers.add_parser("finetune", help="fine-tune a zoo model with transformers' Trainer (optionally LoRA)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_finetune_arguments(p)
+    return p
+
+
+def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    """The fine-tuning flags, one per :class:`FinetuneConfig` field."""
+    defaults = FinetuneConfig(model="", data="", out="")
+    p.add_argument("model", help=_HELP["model"])
+    p.add_argument("--data", required=True, help=_HELP["data"])
+    p.add_argument("--out", required=True, help=_HELP["out"])
+    for f in dataclasses.fields(FinetuneConfig):
+        if f.name in ("model", "data", "out", "extra"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif f.name == "lora_targets":
+            p.add_argument(flag, nargs="+", default=None, help="module names (default: every mixer Linear named *proj)")
+        elif f.name in ("task", "precision"):
+            p.add_argument(flag, choices=TASKS if f.name == "task" else ("auto", "fp32", "bf16"), default=default)
+        else:
+            kind = {int: int, float: float}.get(type(default), str)
+            p.add_argument(flag, type=kind, default=default)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    """Entry point of ``zoo finetune``: run the job, print where the model is and how to load it."""
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    try:
+        metrics = finetune(cfg)
+    except FinetuneError as e:
+        print(f"error: {e}")
+        return 2
+    print(json.dumps({k: v for k, v in metrics.items() if k != "final"}))
+    print(f"fine-tuned model: {metrics['final']}")
+    print(f"load it with: from zoo.finetune import load_finetuned; model = load_finetuned({metrics['final']!r})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python scripts/finetune.py ...``: the same flags as ``zoo finetune``."""
+    parser = argparse.ArgumentParser(prog="finetune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_finetune_arguments(parser)
+    return run_finetune(parser.parse_args(argv))

@@ -1,0 +1,128 @@
+"""``causal_conv1d``: depthwise causal conv with the causal-conv1d package's meaning, and its one-step update."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from zoo.kernels._dispatch import resolve_backend
+
+__all__ = ["causal_conv1d", "causal_conv1d_update"]
+
+_ACTIVATIONS = (None, "silu", "swish")
+
+
+def _check_weight(weight: torch.Tensor, E: int, bias: torch.Tensor | None, activation: str | None, op: str) -> None:
+    if weight.dim() != 2 or weight.shape[0] != E:
+        raise ValueError(f"{op}: weight must be (E, W) with E={E} channels; got {tuple(weight.shape)}.")
+    if not 2 <= weight.shape[1] <= 4:
+        raise ValueError(f"{op}: conv width {weight.shape[1]} is not supported; use a width between 2 and 4 (as causal-conv1d).")
+    if bias is not None and tuple(bias.shape) != (E,):
+        raise ValueError(f"{op}: bias must be ({E},); got {tuple(bias.shape)}.")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be None, 'silu' or 'swish'; got {activation!r}.")
+
+
+def _positions(cu_seqlens: torch.Tensor, L: int) -> torch.Tensor:
+    """Each packed token's position inside its own sequence, ``(L,)`` int32."""
+    cu = cu_seqlens.long()
+    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1])
+    return (torch.arange(L, device=cu.device) - starts).to(torch.int32)
+
+
+def _conv_torch(x, weight, bias, silu, initial_states, pos):
+    W = weight.shape[1]
+    if initial_states is None:
+        xf = F.pad(x, (W - 1, 0))  # (B, E, W-1+L)
+    else:
+        xf = torch.cat([initial_states.to(x.dtype), x], dim=-1)
+    w, b = weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+    if pos is None:
+        out = F.conv1d(xf, w[:, None, :], b, groups=x.shape[1])
+    else:
+        L = x.shape[-1]
+        out = x.new_zeros(x.shape) if b is None else b[:, None].expand(x.shape).clone()
+        for k in range(W):  # tap k looks back W-1-k steps; it is dropped where that crosses the sequence start
+            out = out + w[:, k, None] * xf[..., k : k + L] * (pos >= W - 1 - k).to(x.dtype)
+    return F.silu(out) if silu else out
+
+
+def causal_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    *,
+    initial_states: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    return_final_states: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise conv over time, as ``causal_conv1d_fn`` of the causal-conv1d package.
+
+    x ``(B, E, L)``, weight ``(E, W)`` with ``2 <= W <= 4``, bias ``(E,)``, activation None / "silu" / "swish".
+    ``initial_states (B, E, W-1)`` are the inputs before x (chunked prefill); with ``return_final_states`` the
+    last ``W-1`` inputs are returned too, as the next call's ``initial_states``. ``cu_seqlens (S+1,)`` marks
+    packed sequences (batch 1): no tap reaches across a sequence start.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"causal_conv1d: x must be (B, E, L); got {tuple(x.shape)}.")
+    Bsz, E, L = x.shape
+    _check_weight(weight, E, bias, activation, "causal_conv1d")
+    W = weight.shape[1]
+    if initial_states is not None and tuple(initial_states.shape) != (Bsz, E, W - 1):
+        raise ValueError(f"causal_conv1d: initial_states must be (B, E, W-1) = {(Bsz, E, W - 1)}; got {tuple(initial_states.shape)}.")
+    pos = None
+    if cu_seqlens is not None:
+        if Bsz != 1 or initial_states is not None or return_final_states:
+            raise ValueError(
+                "causal_conv1d: cu_seqlens needs packed input with batch 1 and no initial_states / return_final_states; "
+                "run the sequences as a batch to carry states."
+            )
+        if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != L:
+            raise ValueError(f"causal_conv1d: cu_seqlens must be (S+1,) from 0 to L={L}; got {cu_seqlens.tolist()}.")
+        pos = _positions(cu_seqlens, L)
+    silu = activation is not None
+    backend = resolve_backend(backend, x, op="causal_conv1d", cuda_package="causal_conv1d")
+    if backend == "torch":
+        out = _conv_torch(x, weight, bias, silu, initial_states, pos)
+    elif backend == "triton":
+        from zoo.kernels.causal_conv1d.triton import causal_conv1d_triton
+
+        out = causal_conv1d_triton(x, weight, bias, silu, initial_states, pos)
+    else:
+        if cu_seqlens is not None:
+            raise ValueError("causal_conv1d: the 'cuda' backend takes no cu_seqlens here; use backend='triton'.")
+        from causal_conv1d import causal_conv1d_fn
+
+        out = causal_conv1d_fn(x, weight, bias, initial_states=initial_states, activation=activation)
+    if not return_final_states:
+        return out
+    prev = initial_states.to(x.dtype) if initial_states is not None else x.new_zeros(Bsz, E, W - 1)
+    return out, torch.cat([prev, x], dim=-1)[..., L:]  # last W-1 inputs
+
+
+def causal_conv1d_update(
+    x: torch.Tensor,
+    conv_state: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode step(s): x ``(B, E)`` or ``(B, E, L)`` new inputs, conv_state ``(B, E, W-1)`` the previous inputs.
+
+    Returns ``out`` shaped like x and the new state ``(B, E, W-1)``. The state is not modified in place
+    (unlike causal-conv1d's function), so autograd and beam search can keep the old one.
+    """
+    single = x.dim() == 2
+    xs = x[..., None] if single else x  # (B, E, L)
+    if xs.dim() != 3:
+        raise ValueError(f"causal_conv1d_update: x must be (B, E) or (B, E, L); got {tuple(x.shape)}.")
+    Bsz, E, _ = xs.shape
+    _check_weight(weight, E, bias, activation, "causal_conv1d_update")
+    W = weight.shape[1]
+    if tuple(conv_state.shape) != (Bsz, E, W - 1):
+        raise ValueError(f"causal_conv1d_update: conv_state must be (B, E, W-1) = {(Bsz, E, W - 1)}; got {tuple(conv_state.shape)}.")
+    out = _conv_torch(xs, weight, bias, activation is not None, conv_state, None)
+    new_state = torch.cat([conv_state.to(xs.dtype), xs], dim=-1)[..., -(W - 1):]
+    return (out[..., 0] if single else out), new_state.to(conv_state.dtype)

@@ -1,0 +1,110 @@
+"""Gated linear attention in chunked form: the fast pure-torch path.
+
+Inside a chunk of ``C`` steps the output is a masked attention-like product with decay
+``exp(G_i - G_j)`` (``G`` the chunk-local cumulative log-decay, ``j <= i``); across chunks a K x V state
+is carried with the chunk's total decay. The only Python loop is the one over chunks.
+
+Per-key-dim decays are factored as ``(q_i e^{G_i - G_0}) . (k_j e^{G_0 - G_j})`` (one matmul) only when every
+chunk's decay span ``max G - min G`` is at most ``SAFE_SPAN``, so no factor can overflow or underflow in
+float32 (the product of two exactly rounded factors is as accurate as the direct form). Otherwise the chunk
+is cut into sub-chunks of 16: diagonal sub-blocks use the exact exponent differences (masked before
+``exp``), and an off-diagonal block (query sub-chunk a > key sub-chunk b) uses as reference the cumulative
+decay at the end of sub-chunk b, which makes both factors ``exp(G_i - G_ref)`` and ``exp(G_ref - G_j)`` at most 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+SUB_CHUNK = 16
+SAFE_SPAN = 30.0  # e^30 ~ 1e13: far from float32 overflow (3e38) and underflow (1e-38)
+
+
+def _intra_scalar(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Scores ``sum_d q_i k_j exp(G_i - G_j)`` for ``j <= i``; q, k ``(..., C, K)``, G ``(..., C)`` -> ``(..., C, C)``."""
+    C = G.shape[-1]
+    tri = torch.ones(C, C, dtype=torch.bool, device=G.device).tril()
+    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~tri, float("-inf")).exp()  # (..., C, C)
+    return (q @ k.transpose(-1, -2)) * decay
+
+
+def _intra_per_key(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """Same scores with per-key-dim decay, G ``(..., C, K)``, computed with sub-chunks (see module doc)."""
+    C, K = G.shape[-2:]
+    if float((G.amax(-2) - G.amin(-2)).max().detach()) <= SAFE_SPAN:  # factor through the chunk's first step
+        G0 = G[..., :1, :]
+        tri = torch.ones(C, C, dtype=torch.bool, device=G.device).tril()
+        A = (q * (G - G0).exp()) @ (k * (G0 - G).exp()).transpose(-1, -2)  # (..., C, C)
+        return A.masked_fill(~tri, 0.0)
+    c = SUB_CHUNK if C % SUB_CHUNK == 0 else C
+    ns = C // c
+    qs, ks, Gs = (rearrange(t, "... (s c) k -> ... s c k", c=c) for t in (q, k, G))  # (..., ns, c, K)
+    dev = G.device
+    # Diagonal sub-blocks: exact differences, masked before exp.
+    tri = torch.ones(c, c, dtype=torch.bool, device=dev).tril()
+    diff = (Gs[..., :, None, :] - Gs[..., None, :, :]).masked_fill(~tri[..., None], float("-inf"))  # (..., ns, c, c, K)
+    a_diag = (qs[..., :, None, :] * ks[..., None, :, :] * diff.exp()).sum(-1)  # (..., ns, c, c)
+    # Off-diagonal sub-blocks: reference point at the end of the key sub-chunk.
+    ref = Gs[..., :, -1, :]  # (..., ns, K)
+    kt = ks * (ref[..., None, :] - Gs).exp()  # (..., ns_b, c, K), factors <= 1
+    lower = torch.ones(ns, ns, dtype=torch.bool, device=dev).tril(-1)
+    expo = Gs[..., :, None, :, :] - ref[..., None, :, None, :]  # (..., ns_a, ns_b, c, K)
+    qt = expo.masked_fill(~lower[:, :, None, None], float("-inf")).exp() * qs[..., :, None, :, :]
+    a_off = torch.einsum("...abik,...bjk->...abij", qt, kt)  # (..., ns_a, ns_b, c, c)
+    eye = torch.eye(ns, dtype=torch.bool, device=dev)[:, :, None, None]
+    A = torch.where(eye, a_diag[..., :, None, :, :], a_off)
+    return rearrange(A, "... a b i j -> ... (a i) (b j)")  # (..., C, C)
+
+
+def gla_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked GLA on a plain batch (no packing). Returns o ``(B, L, H, V)`` and the final state ``(B, H, K, V)``.
+
+    Computes in float32 (float64 for float64 inputs); L is zero-padded to a multiple of ``chunk_size``
+    (a padded step has decay 1 and input 0, so it leaves the state unchanged).
+    """
+    B, L, H, K = q.shape
+    V = v.shape[-1]
+    ct = torch.promote_types(q.dtype, torch.float32)
+    C = chunk_size
+    pad = -L % C
+
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(ct)
+        x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+        return rearrange(x, "b (n c) h ... -> b h n c ...", c=C)
+
+    q, k, v, g = prep(q), prep(k), prep(v), prep(g)  # (B, H, N, C, ...)
+    G = g.cumsum(3)  # chunk-local inclusive cumulative log-decay
+    if g.dim() == 4:  # scalar decay per head
+        Gl = G[..., -1]  # (B, H, N)
+        A = _intra_scalar(q, k, G)
+        q_in = q * G.exp()[..., None]
+        k_st = k * (Gl[..., None] - G).exp()[..., None]
+        chunk_decay = Gl.exp()[..., None, None]  # (B, H, N, 1, 1)
+    else:
+        Gl = G[..., -1, :]  # (B, H, N, K)
+        A = _intra_per_key(q, k, G)
+        q_in = q * G.exp()
+        k_st = k * (Gl[..., None, :] - G).exp()
+        chunk_decay = Gl.exp()[..., None]  # (B, H, N, K, 1)
+    o = (A * scale) @ v  # (B, H, N, C, V)
+    kv = k_st.transpose(-1, -2) @ v  # (B, H, N, K, V): each chunk's own contribution to the state
+    S = initial_state.to(ct) if initial_state is not None else q.new_zeros(B, H, K, V)
+    starts = []
+    for n in range(kv.shape[2]):
+        starts.append(S)
+        S = chunk_decay[:, :, n] * S + kv[:, :, n]
+    o = o + (q_in * scale) @ torch.stack(starts, 2)  # (B, H, N, C, V)
+    o = rearrange(o, "b h n c v -> b (n c) h v")[:, :L]
+    return o, S

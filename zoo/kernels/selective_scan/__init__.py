@@ -1,0 +1,88 @@
+"""``selective_scan``: the Mamba-1 scan with mamba_ssm's argument meaning, and its one-step decode update."""
+
+from __future__ import annotations
+
+import torch
+
+from zoo.kernels._dispatch import resolve_backend
+from zoo.kernels.selective_scan.reference import selective_state_update
+
+__all__ = ["selective_scan", "selective_state_update"]
+
+
+def _check(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, return_last_state) -> None:
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(f"selective_scan: u and delta must both be (B, E, L); got {tuple(u.shape)} and {tuple(delta.shape)}.")
+    Bsz, E, L = u.shape
+    if L == 0:
+        raise ValueError("selective_scan: the sequence is empty (L = 0); pass at least one time step.")
+    if A.dim() != 2 or A.shape[0] != E or A.is_complex():
+        raise ValueError(f"selective_scan: A must be real (E, N) = ({E}, N); got {tuple(A.shape)} {A.dtype}.")
+    N = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() not in (3, 4) or t.shape[0] != Bsz or t.shape[-2:] != (N, L):
+            raise ValueError(
+                f"selective_scan: {name} must be (B, N, L) or (B, G, N, L) with B={Bsz}, N={N}, L={L}; got {tuple(t.shape)}."
+            )
+        if t.dim() == 4 and E % t.shape[1]:
+            raise ValueError(f"selective_scan: the {t.shape[1]} groups of {name} must divide the {E} channels.")
+    for name, t, shape in (("D", D, (E,)), ("delta_bias", delta_bias, (E,)), ("z", z, (Bsz, E, L)),
+                           ("initial_state", initial_state, (Bsz, E, N))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"selective_scan: {name} must have shape {shape}; got {tuple(t.shape)}.")
+    if cu_seqlens is not None:
+        if Bsz != 1:
+            raise ValueError(f"selective_scan: cu_seqlens needs packed input with batch 1; got batch {Bsz}.")
+        if initial_state is not None or return_last_state:
+            raise ValueError(
+                "selective_scan: initial_state / return_last_state are per batch row and cannot be combined with "
+                "cu_seqlens; scan the sequences separately (batched) to carry states."
+            )
+        if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != L:
+            raise ValueError(f"selective_scan: cu_seqlens must be (N+1,) from 0 to L={L}; got {cu_seqlens.tolist()}.")
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    backend: str | None = None,
+    *,
+    initial_state: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-1 selective scan, with the layouts and meaning of mamba_ssm's ``selective_scan_fn``.
+
+    u, delta ``(B, E, L)``; A ``(E, N)`` real; B, C ``(B, N, L)`` or grouped ``(B, G, N, L)``; D, delta_bias
+    ``(E,)``; z ``(B, E, L)`` gates the output with ``silu(z)``. ``dt = softplus(delta + delta_bias)`` when
+    ``delta_softplus``. Returns ``out (B, E, L)`` in u's dtype and, with ``return_last_state``, the final
+    state ``(B, E, N)`` in float32 (float64 for float64 inputs).
+
+    Extras: ``initial_state (B, E, N)`` continues a previous scan (chunked prefill); ``cu_seqlens (S+1,)``
+    scans packed sequences (batch 1) with the state reset at every sequence start.
+    """
+    _check(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, return_last_state)
+    backend = resolve_backend(backend, u, op="selective_scan", cuda_package="mamba_ssm")
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if backend == "torch":
+        from zoo.kernels.selective_scan.chunked import selective_scan_chunked
+
+        return selective_scan_chunked(*args, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    if backend == "triton":
+        from zoo.kernels.selective_scan.triton import selective_scan_triton
+
+        return selective_scan_triton(*args, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    if initial_state is not None or cu_seqlens is not None:
+        raise ValueError(
+            "selective_scan: mamba_ssm's CUDA kernel takes no initial_state or cu_seqlens; use backend='triton'."
+        )
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    return selective_scan_fn(*args)

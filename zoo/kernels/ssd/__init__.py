@@ -1,0 +1,73 @@
+"""``ssd``: the Mamba-2 state-space dual scan, as a thin call of :func:`zoo.kernels.gla.chunk_gla`.
+
+Per head h with group ``h // (H / G)``: ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T`` (state P x N),
+``y_t = h_t C_t + D x_t``. That is gated linear attention with q = C, k = B, v = x * dt, log-decay dt * A
+and scale 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zoo.kernels.gla import chunk_gla
+
+__all__ = ["ssd"]
+
+
+def ssd(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    *,
+    chunk_size: int = 64,
+    initial_state: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Mamba-2 SSD in Mamba-2 layout.
+
+    x ``(b, l, h, p)``, dt ``(b, l, h)`` (already softplus'ed and biased), A ``(h,)`` negative,
+    B, C ``(b, l, g, n)`` with g dividing h, D ``(h,)`` or None; initial_state ``(b, h, p, n)``
+    (``(N, h, p, n)`` with ``cu_seqlens``). Returns y ``(b, l, h, p)`` in x's dtype, and with
+    ``return_final_state`` also the final state ``(b|N, h, p, n)`` in float32.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"ssd: x must be (batch, length, heads, headdim); got {tuple(x.shape)}.")
+    b, l, h, p = x.shape
+    if tuple(dt.shape) != (b, l, h):
+        raise ValueError(f"ssd: dt must be ({b}, {l}, {h}) like x's first three dims; got {tuple(dt.shape)}.")
+    if tuple(A.shape) != (h,):
+        raise ValueError(f"ssd: A must be ({h},), one negative scalar per head; got {tuple(A.shape)}.")
+    if B.dim() != 4 or B.shape != C.shape or B.shape[:2] != (b, l):
+        raise ValueError(f"ssd: B and C must both be ({b}, {l}, ngroups, d_state); got {tuple(B.shape)} and {tuple(C.shape)}.")
+    groups = B.shape[2]
+    if h % groups:
+        raise ValueError(f"ssd: ngroups {groups} must divide the number of heads {h}.")
+    if D is not None and tuple(D.shape) != (h,):
+        raise ValueError(f"ssd: D must be ({h},) or None; got {tuple(D.shape)}.")
+    rep = h // groups
+    q = C.repeat_interleave(rep, dim=2)  # (b, l, h, n)
+    k = B.repeat_interleave(rep, dim=2)  # (b, l, h, n)
+    v = x * dt[..., None].to(x.dtype)  # (b, l, h, p)
+    ct = torch.promote_types(dt.dtype, torch.float32)
+    g = dt.to(ct) * A.to(ct)  # (b, l, h) log-decay
+    n_seq = b if cu_seqlens is None else cu_seqlens.numel() - 1
+    if initial_state is not None and tuple(initial_state.shape) != (n_seq, h, p, B.shape[-1]):
+        raise ValueError(
+            f"ssd: initial_state must be ({n_seq}, {h}, {p}, {B.shape[-1]}) (batch|sequences, heads, headdim, d_state); "
+            f"got {tuple(initial_state.shape)}."
+        )
+    h0 = initial_state.transpose(-1, -2) if initial_state is not None else None  # (b, h, n, p)
+    y, final = chunk_gla(
+        q, k, v, g, scale=1.0, initial_state=h0, output_final_state=return_final_state,
+        cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend,
+    )
+    if D is not None:
+        y = y + x * D[:, None].to(x.dtype)
+    if return_final_state:
+        return y, final.transpose(-1, -2)  # (b, h, p, n)
+    return y

@@ -1,0 +1,255 @@
+"""MoM: Mixture-of-Memories (Du et al. 2025, OpenSparseLLMs/MoM).
+
+A router sends every token to ``top_k`` of ``n_memories`` linear-attention memories (plus an always-on
+shared memory). Each memory has its own key / value / beta / decay projections and short convolution and
+is updated only by the tokens routed to it; the query is shared. Memory update (default ``gated_delta``):
+``S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``, ``o_t = S_t^T q_t``; ``memory: gla`` uses
+gated linear attention ``S_t = alpha_t S_{t-1} + k_t v_t^T`` instead. The memories' outputs are mixed by the
+renormalised routing weights (the shared one with weight 1), then gated RMSNorm and ``o_proj``.
+
+Routing is done by sorting: every (token, memory) assignment is sorted memory-major into one packed batch of
+per-(memory, sequence) sequences and run through one kernel call with ``cu_seqlens``, so work is linear in the
+number of routed tokens. Capacity is unlimited: no token is ever dropped, however unbalanced the router is;
+the Switch-style load-balancing loss (``aux_loss_scale``, 0.01) is what keeps the load even.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.kernels import chunk_delta_rule, chunk_gla
+from zoo.mixers.base import RecurrentMixer, State
+from zoo.nn import GatedRMSNorm, ShortConv, short_conv
+from zoo.registry import register_mixer
+
+MEMORIES = ("gated_delta", "gla")
+
+
+def _segment_conv(
+    rows: torch.Tensor, seg: torch.Tensor, n_seg: int, prev: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise conv + SiLU over ``rows (R, E)`` grouped into segments (``seg (R,)`` sorted ids).
+
+    Each segment continues from its own previous inputs ``prev (n_seg, E, W-1)``; returns the outputs
+    ``(R, E)`` and every segment's new conv state ``(n_seg, E, W-1)``.
+    """
+    R, E = rows.shape
+    W1 = weight.shape[-1] - 1
+    counts = torch.bincount(seg, minlength=n_seg)
+    ext_len = counts + W1  # each segment is prefixed by its W-1 carried inputs
+    ext_cu = F.pad(ext_len.cumsum(0), (1, 0))
+    ext_seg = torch.repeat_interleave(torch.arange(n_seg, device=rows.device), ext_len)
+    p = torch.arange(int(ext_cu[-1]), device=rows.device) - ext_cu[ext_seg]  # position inside the extended segment
+    row_cu = F.pad(counts.cumsum(0), (1, 0))
+    src = torch.where(p < W1, R + ext_seg * W1 + p, row_cu[ext_seg] + p - W1)
+    pool = torch.cat([rows, prev.to(rows.dtype).transpose(1, 2).reshape(n_seg * W1, E)])
+    ext = pool[src]  # (R + n_seg * (W-1), E)
+    y, _ = short_conv(ext[None], weight, bias, cu_seqlens=ext_cu)
+    last = ext_cu[1:, None] - W1 + torch.arange(W1, device=rows.device)  # (n_seg, W-1)
+    return F.silu(y[0][p >= W1]), ext[last].transpose(1, 2)
+
+
+@register_mixer("mom")
+class MoM(RecurrentMixer):
+    """Mixture-of-Memories: top-k routed gated delta-rule (or GLA) memories plus a shared memory."""
+
+    causal = True
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        layer_idx: int = 0,
+        n_memories: int = 4,
+        top_k: int = 2,
+        shared_memory: bool = True,
+        n_heads: int = 4,
+        head_dim: int | None = None,
+        memory: str = "gated_delta",
+        conv_size: int = 4,
+        aux_loss_scale: float = 0.01,
+        chunk_size: int = 64,
+        norm_eps: float = 1e-5,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(d_model, layer_idx=layer_idx)
+        if not 1 <= top_k <= n_memories:
+            raise ValueError(
+                f"mom: top_k={top_k} must be between 1 and n_memories={n_memories}; lower top_k or add memories."
+            )
+        if memory not in MEMORIES:
+            raise ValueError(f"mom: memory must be one of {', '.join(MEMORIES)}; got {memory!r}.")
+        if head_dim is None:
+            if n_heads < 1 or d_model % n_heads:
+                raise ValueError(
+                    f"mom: n_heads={n_heads} must divide d_model={d_model}; choose another n_heads or set head_dim."
+                )
+            head_dim = d_model // n_heads
+        if conv_size < 1 or head_dim < 1:
+            raise ValueError(f"mom: conv_size and head_dim must be >= 1; got {conv_size} and {head_dim}.")
+        self.n_memories, self.top_k, self.shared_memory, self.memory = n_memories, top_k, shared_memory, memory
+        self.n_heads, self.head_dim, self.conv_size = n_heads, head_dim, conv_size
+        self.aux_loss_scale, self.chunk_size, self.backend = aux_loss_scale, chunk_size, backend
+        self.n_slots = n_memories + int(shared_memory)  # memory slot n_memories is the shared one
+        inner = n_heads * head_dim
+        self.n_gates = 2 if memory == "gated_delta" else 1  # decay input a (and beta input b)
+        S = self.n_slots
+
+        self.router = nn.Linear(d_model, n_memories, bias=False)
+        self.q_proj = nn.Linear(d_model, inner, bias=False)
+        self.q_conv = ShortConv(inner, conv_size)
+        bound = 1 / math.sqrt(d_model)  # nn.Linear's default init, per memory
+        self.kv_weight = nn.Parameter(torch.empty(S, 2 * inner, d_model).uniform_(-bound, bound))
+        self.gate_weight = nn.Parameter(torch.empty(S, self.n_gates * n_heads, d_model).uniform_(-bound, bound))
+        cbound = 1 / math.sqrt(conv_size)  # nn.Conv1d's default init for a depthwise kernel
+        self.kv_conv_weight = nn.Parameter(torch.empty(S, 2 * inner, conv_size).uniform_(-cbound, cbound))
+        self.kv_conv_bias = nn.Parameter(torch.zeros(S, 2 * inner))
+        # Decay rate A ~ U(1, 16) stored as log, as in Gated DeltaNet / Mamba-2; no weight decay.
+        self.A_log = nn.Parameter(torch.empty(S, n_heads).uniform_(1, 16).log())
+        # dt_bias = softplus^-1(dt), dt log-uniform in [1e-3, 1e-1]: initial decays span slow to fast.
+        dt = torch.exp(torch.empty(S, n_heads).uniform_(math.log(1e-3), math.log(1e-1))).clamp_min(1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.A_log._no_weight_decay = self.dt_bias._no_weight_decay = True
+        self.g_proj = nn.Linear(d_model, inner, bias=False)
+        self.o_norm = GatedRMSNorm(inner, eps=norm_eps, norm_before_gate=True, group_size=head_dim)
+        self.o_proj = nn.Linear(inner, d_model, bias=False)
+
+    # ----- pieces shared by scan and step ------------------------------------------------------------
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router in float32: probabilities ``(R, M)``, top-k memory ids and renormalised weights ``(R, k)``."""
+        ct = torch.promote_types(x.dtype, torch.float32)
+        probs = F.linear(x.to(ct), self.router.weight.to(ct)).softmax(-1)
+        top_w, top_i = probs.topk(self.top_k, dim=-1)
+        return probs, top_i, top_w / top_w.sum(-1, keepdim=True)
+
+    def _memory_inputs(self, kv: torch.Tensor, gates: torch.Tensor, slot: torch.Tensor):
+        """Conv'd kv ``(..., 2*H*K)`` and gate inputs ``(..., n_gates*H)`` -> k, v ``(..., H, K)``, beta, log-decay ``(..., H)``."""
+        H = self.n_heads
+        k, v = kv.unflatten(-1, (2, H, self.head_dim)).unbind(-3)
+        ct = torch.promote_types(kv.dtype, torch.float32)
+        k = F.normalize(k.to(ct), dim=-1).to(v.dtype)
+        a = gates[..., :H].to(ct)
+        g = -self.A_log[slot].to(ct).exp() * F.softplus(a + self.dt_bias[slot].to(ct))  # log alpha
+        beta = torch.sigmoid(gates[..., H:].to(ct)) if self.memory == "gated_delta" else None
+        return k, v, beta, g
+
+    def _output(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Mixed memory readout ``o (..., H, V)`` -> gated RMSNorm per head -> o_proj ``(..., D)``."""
+        o = self.o_norm(o.flatten(-2).to(x.dtype), self.g_proj(x))
+        return self.o_proj(o)
+
+    def _aux(self, probs: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
+        """Switch load-balancing loss ``scale * M * sum_m f_m P_m`` (f: routed fraction, P: mean probability)."""
+        M = self.n_memories
+        frac = torch.bincount(top_i.reshape(-1), minlength=M).float() / top_i.numel()
+        return self.aux_loss_scale * M * (frac * probs.mean(0)).sum()
+
+    # ----- the block interface -----------------------------------------------------------------------
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
+        inner, W1 = self.n_heads * self.head_dim, self.conv_size - 1
+        dtype = dtype or torch.float32
+        mem_dtype = torch.promote_types(dtype, torch.float32)
+        return {
+            "memory": torch.zeros(batch_size, self.n_slots, self.n_heads, self.head_dim, self.head_dim, device=device,
+                                  dtype=mem_dtype),
+            "conv_kv": torch.zeros(batch_size, self.n_slots, 2 * inner, W1, device=device, dtype=dtype),
+            "conv_q": torch.zeros(batch_size, inner, W1, device=device, dtype=dtype),
+        }
+
+    def state_size(self) -> int:
+        inner, W1 = self.n_heads * self.head_dim, self.conv_size - 1
+        return self.n_slots * (self.n_heads * self.head_dim**2 + 2 * inner * W1) + inner * W1
+
+    def scan(self, x, *, state=None, mask=None, cu_seqlens=None, return_state=False):
+        B, L, D = x.shape
+        dev = x.device
+        H, K, M, S = self.n_heads, self.head_dim, self.n_memories, self.n_slots
+        if cu_seqlens is not None:
+            cu = cu_seqlens.to(device=dev, dtype=torch.long)
+            N = cu.numel() - 1
+            seq = torch.repeat_interleave(torch.arange(N, device=dev), cu[1:] - cu[:-1])  # (L,)
+            if B != 1 or seq.numel() != L:
+                raise ValueError(f"mom: cu_seqlens needs B == 1 and to end at L={L}; got B={B}, end {int(cu[-1])}.")
+        else:
+            N = B
+            seq = torch.arange(B, device=dev).repeat_interleave(L)  # (B*L,)
+        if state is None:
+            state = self.init_state(N, device=dev, dtype=x.dtype)
+        elif state["memory"].shape[0] != N:
+            raise ValueError(f"mom: the carried state holds {state['memory'].shape[0]} sequences but the input has {N}.")
+        real = torch.arange(B * L, device=dev) if mask is None else mask.reshape(-1).bool().nonzero()[:, 0]
+        xr, seq_r = x.reshape(B * L, D)[real], seq[real]  # (R, D): padded tokens touch no memory
+        R = xr.shape[0]
+
+        probs, top_i, top_w = self._route(xr)
+        self.aux_loss = self._aux(probs, top_i) if self.training and R > 0 else None
+        tok = torch.arange(R, device=dev)
+        slot = top_i.reshape(-1)
+        tok_a, w_a = tok.repeat_interleave(self.top_k), top_w.reshape(-1)
+        if self.shared_memory:
+            slot, tok_a = torch.cat([slot, torch.full_like(tok, M)]), torch.cat([tok_a, tok])
+            w_a = torch.cat([w_a, w_a.new_ones(R)])
+        order = torch.argsort(slot * R + tok_a)  # memory-major, then sequence, then time
+        slot, tok_a, w_a = slot[order], tok_a[order], w_a[order]
+
+        q, conv_q = _segment_conv(self.q_proj(xr), seq_r, N, state["conv_q"], self.q_conv.weight, self.q_conv.bias)
+        ct = torch.promote_types(x.dtype, torch.float32)
+        q = F.normalize(q.unflatten(-1, (H, K)).to(ct), dim=-1).to(x.dtype)  # (R, H, K)
+        per_slot = torch.bincount(slot, minlength=S).tolist()
+        kvs, gates, conv_kv = [], [], []
+        for m, rows in enumerate(torch.split(tok_a, per_slot)):
+            xm = xr[rows]
+            kv, c = _segment_conv(F.linear(xm, self.kv_weight[m]), seq_r[rows], N, state["conv_kv"][:, m],
+                                  self.kv_conv_weight[m], self.kv_conv_bias[m])
+            kvs.append(kv)
+            gates.append(F.linear(xm, self.gate_weight[m]))
+            conv_kv.append(c)
+        k, v, beta, g = self._memory_inputs(torch.cat(kvs), torch.cat(gates), slot)  # (A, H, K), (A, H)
+        cu_r = F.pad(torch.bincount(slot * N + seq_r[tok_a], minlength=S * N).cumsum(0), (1, 0))
+        h0 = state["memory"].transpose(0, 1).reshape(S * N, H, K, K)  # sequences ordered memory-major
+        kw = dict(initial_state=h0, output_final_state=return_state, cu_seqlens=cu_r, chunk_size=self.chunk_size,
+                  backend=self.backend)
+        if self.memory == "gated_delta":
+            o, hT = chunk_delta_rule(q[tok_a][None], k[None], v[None], beta[None], g[None], **kw)
+        else:
+            o, hT = chunk_gla(q[tok_a][None], k[None], v[None], g[None], **kw)
+        o = o[0] * w_a[:, None, None].to(o.dtype)  # (A, H, V)
+        y = o.new_zeros(R, H, K).index_add(0, tok_a, o)  # mix the memories' readouts per token
+        out = x.new_zeros(B * L, D).index_copy(0, real, self._output(xr, y))
+        new = None
+        if return_state:
+            new = {"memory": hT.reshape(S, N, H, K, K).transpose(0, 1), "conv_kv": torch.stack(conv_kv, 1), "conv_q": conv_q}
+        return out.reshape(B, L, D), new
+
+    def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        N = x.shape[0]
+        H, K, M = self.n_heads, self.head_dim, self.n_memories
+        _, top_i, top_w = self._route(x)
+        sel, w = top_i, top_w  # (N, k)
+        if self.shared_memory:
+            sel = torch.cat([sel, torch.full_like(sel[:, :1], M)], 1)
+            w = torch.cat([w, w.new_ones(N, 1)], 1)
+        q, conv_q = self.q_conv.step(self.q_proj(x), state["conv_q"])
+        ct = torch.promote_types(x.dtype, torch.float32)
+        q = F.normalize(q.unflatten(-1, (H, K)).to(ct), dim=-1)  # (N, H, K)
+        rows = torch.arange(N, device=x.device)[:, None]
+        kv_in = torch.einsum("nd,njed->nje", x, self.kv_weight[sel])  # (N, k+1, 2*H*K), chosen memories only
+        full = torch.cat([state["conv_kv"][rows, sel].to(x.dtype), kv_in[..., None]], -1)  # (N, k+1, E, W)
+        kv = F.silu((full * self.kv_conv_weight[sel]).sum(-1) + self.kv_conv_bias[sel])
+        gates = torch.einsum("nd,njed->nje", x, self.gate_weight[sel])
+        k, v, beta, g = self._memory_inputs(kv, gates, sel)
+        k, v = k.to(ct), v.to(ct)
+        mem = state["memory"][rows, sel].to(ct) * g.exp()[..., None, None]  # (N, k+1, H, K, V)
+        if self.memory == "gated_delta":
+            v = beta[..., None] * (v - torch.einsum("njhk,njhkv->njhv", k, mem))
+        mem = mem + torch.einsum("njhk,njhv->njhkv", k, v)
+        o = torch.einsum("nhk,njhkv->njhv", q * K**-0.5, mem)
+        y = (o * w[..., None, None]).sum(1)  # (N, H, V)
+        memory, conv_kv = state["memory"].clone(), state["conv_kv"].clone()
+        memory[rows, sel] = mem.to(memory.dtype)
+        conv_kv[rows, sel] = full[..., 1:].to(conv_kv.dtype)
+        return self._output(x, y), {"memory": memory, "conv_kv": conv_kv, "conv_q": conv_q}

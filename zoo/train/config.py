@@ -1,0 +1,54 @@
+"""The ``train:`` and ``task:`` sections of a run config (``zoo.load_config`` validates them from these fields)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, evaluation, logging and checkpointing of ``zoo train``."""
+
+    steps: int = 1000  # optimizer updates
+    batch_size: int = 64  # examples per micro-batch (an update sees batch_size * grad_accum examples)
+    eval_batch_size: int | None = None  # None: same as batch_size
+    lr: float = 1.0e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100  # linear warmup from 0
+    weight_decay: float = 0.1  # AdamW; never on norms, biases or parameters flagged `_no_weight_decay`
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1.0e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    grad_accum: int = 1  # micro-batches per update
+    eval_every: int = 200  # steps between evaluations; 0: only at the end
+    eval_batches: int = 0  # batches per evaluation; 0: the whole eval set
+    save_every: int = 0  # steps between checkpoints; 0: only the final one
+    keep_checkpoints: int = 2  # periodic checkpoints kept on disk (older ones are deleted); 0 keeps all
+    log_every: int = 10  # steps between metrics.jsonl rows / progress-bar updates
+    seed: int = 0  # model init and data order
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    progress: bool = True  # show a tqdm progress bar
+
+
+@dataclass
+class TaskConfig:
+    """What to train on: a synthetic task generated on the fly, or local text files."""
+
+    name: Literal["mqar", "copying", "selective_copying", "induction", "text"] = "mqar"
+    seq_len: int = 64
+    vocab_size: int = 8192  # synthetic tasks; text uses the tokenizer's size
+    num_kv_pairs: int = 4  # mqar
+    num_tokens: int = 16  # copying / selective_copying: tokens to copy
+    power_a: float = 0.01  # mqar query-gap distribution p(i) ∝ a·i^(a-1)
+    num_train: int = 100_000  # synthetic training examples
+    num_test: int = 3_000  # synthetic eval examples
+    seed: int = 0  # data generation (train and eval use independent streams of it)
+    # text
+    path: str | None = None  # a local .json/.jsonl/.csv/.parquet/.txt file (or a folder of them)
+    eval_path: str | None = None  # held-out file; None: hold out eval_fraction of the blocks of `path`
+    eval_fraction: float = 0.05
+    text_column: str = "text"
+    tokenizer: str = "byte"  # "byte" (built in) or a local tokenizer folder

@@ -1,0 +1,391 @@
+"""The training loop behind ``zoo train``: AdamW + warmup/cosine, clipping, accumulation, periodic eval,
+``metrics.jsonl``, ``curves.png`` and exactly resumable checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from zoo.data import build_task
+from zoo.data.base import IGNORE_INDEX, TokenDataset
+from zoo.data.tokenizer import load_tokenizer
+from zoo.train.checkpoint import (
+    FINAL,
+    CheckpointError,
+    dict_diff,
+    latest_checkpoint,
+    list_checkpoints,
+    load_run_config,
+    load_trainer_state,
+    model_config_diff,
+    quiet_hf_progress,
+    resolve_checkpoint,
+    rng_state,
+    rotate_checkpoints,
+    save_checkpoint,
+    set_rng_state,
+)
+from zoo.train.metrics import per_example_accuracy, plot_curves, shifted_targets, write_jsonl
+from zoo.train.optim import build_optimizer, build_scheduler
+
+METRICS = "metrics.jsonl"
+CURVES = "curves.png"
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run produced."""
+
+    checkpoint: Path | None  # the last checkpoint written
+    step: int
+    eval_loss: float | None
+    eval_accuracy: float | None
+    history: list[dict] = field(default_factory=list)
+
+
+class EpochSampler:
+    """Batches of indices from a fresh seeded permutation each epoch; its position is two ints (exact resume)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        if n < batch_size:
+            raise ValueError(
+                f"the training set has {n} examples, fewer than train.batch_size={batch_size}; "
+                "raise task.num_train or lower train.batch_size."
+            )
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.offset = 0, 0
+        self._perm: torch.Tensor | None = None
+
+    def _permutation(self) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=gen)
+
+    def next(self) -> torch.Tensor:
+        """Indices of the next batch (the tail of an epoch that cannot fill a batch is skipped)."""
+        if self.offset + self.batch_size > self.n:
+            self.epoch, self.offset, self._perm = self.epoch + 1, 0, None
+        if self._perm is None:
+            self._perm = self._permutation()
+        idx = self._perm[self.offset : self.offset + self.batch_size]
+        self.offset += self.batch_size
+        return idx
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset, self._perm = int(state["epoch"]), int(state["offset"]), None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; anything else as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but no CUDA device is available; use train.device=auto or cpu.")
+    return device
+
+
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA for ``auto``; fp32 (no autocast) on CPU unless ``bf16`` is asked for."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _sparse_head(model: Any) -> bool:
+    """Whether the model exposes a backbone + ``lm_head`` so logits can be computed at labelled positions only."""
+    return hasattr(model, "lm_head") and hasattr(model, "model") and hasattr(model.model, "aux_loss")
+
+
+def lm_step(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, sparse: bool):
+    """Forward one batch: ``(lm_loss, aux_loss | None, preds, targets)`` over the labelled positions.
+
+    ``sparse`` runs the LM head only where a label exists (MQAR labels ~6% of positions); the loss equals
+    ``model(input_ids, labels=labels).loss`` (which also includes the auxiliary losses).
+    """
+    targets = shifted_targets(labels)
+    mask = targets != IGNORE_INDEX
+    if sparse:
+        hidden = model.model(input_ids=input_ids).last_hidden_state
+        logits = model.lm_head(hidden[mask])  # (n_labelled, V)
+        aux = model.model.aux_loss() if model.training else None
+    else:
+        out = model(input_ids=input_ids)
+        logits = out.logits[mask]
+        aux = model.model.aux_loss() if model.training and hasattr(model, "model") else None
+    tgt = targets[mask]
+    loss = F.cross_entropy(logits.float(), tgt)
+    return loss, aux, logits.argmax(-1), tgt, mask
+
+
+@torch.no_grad()
+def evaluate(
+    model: Any,
+    dataset: TokenDataset,
+    *,
+    batch_size: int = 64,
+    max_batches: int = 0,
+    device: torch.device | str = "cpu",
+    precision: str = "auto",
+) -> dict[str, float]:
+    """Eval loss (mean over labelled tokens) and accuracy (mean over labelled positions, then examples)."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    sparse = _sparse_head(model)
+    loss_sum, n_tok, accs = 0.0, 0, []
+    n = len(dataset)
+    stops = range(0, n, batch_size)
+    if max_batches > 0:
+        stops = stops[:max_batches]
+    try:
+        for s in stops:
+            x = dataset.input_ids[s : s + batch_size].to(device)
+            y = dataset.labels[s : s + batch_size].to(device)
+            with autocast_for(device, precision):
+                loss, _, preds, tgt, mask = lm_step(model, x, y, sparse)
+            loss_sum += float(loss) * tgt.numel()
+            n_tok += tgt.numel()
+            full = torch.full_like(y, IGNORE_INDEX)
+            full[mask] = preds
+            accs.append(per_example_accuracy(full, shifted_targets(y)).cpu())
+    finally:
+        model.train(was_training)
+    acc = torch.cat(accs) if accs else torch.zeros(0)
+    return {
+        "loss": loss_sum / max(n_tok, 1),
+        "accuracy": float(acc.mean()) if acc.numel() else float("nan"),
+        "examples": int(acc.numel()),
+    }
+
+
+def _check_vocab(model_vocab: int, data: TokenDataset, task: Any) -> None:
+    top = int(data.input_ids.max()) if len(data) else 0
+    if top >= model_vocab:
+        what = "the tokenizer" if task.name == "text" else f"task.vocab_size={task.vocab_size}"
+        raise ValueError(
+            f"{what} produces token id {top} but model.vocab_size={model_vocab}; "
+            f"set model.vocab_size >= {top + 1} (a task YAML may set both)."
+        )
+
+
+def _prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    existing = [p.name for p in list_checkpoints(out)] + ([FINAL] if (out / FINAL).exists() else [])
+    if existing and not resume:
+        if not overwrite:
+            raise CheckpointError(
+                f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
+                "--overwrite to replace it, or choose another --out."
+            )
+        for name in existing:
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in (METRICS, CURVES):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def train(
+    config: Any,
+    out_dir: str | Path,
+    *,
+    resume: bool | str | Path = False,
+    overwrite: bool = False,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train the run ``config`` (a RunConfig or anything ``zoo.load_config`` reads) into ``out_dir``.
+
+    ``resume``: True continues from the latest checkpoint in ``out_dir``; a path continues from that checkpoint.
+    ``stop_after``: stop after this step as if interrupted (the schedule still spans ``train.steps``).
+    """
+    import zoo
+
+    run = config if isinstance(config, zoo.RunConfig) else zoo.load_config(config)
+    tc, task = run.train, run.task
+    out = Path(out_dir)
+    ckpt: Path | None = None
+    if resume:
+        ckpt = latest_checkpoint(out) if resume is True else resolve_checkpoint(resume)
+        if ckpt is None:
+            raise CheckpointError(f"--resume: {out} holds no checkpoint to resume; drop --resume to start a new run.")
+        state = load_trainer_state(ckpt)
+        diff = model_config_diff(zoo.ZooConfig.from_pretrained(ckpt), run.model)
+        saved = load_run_config(ckpt) or {}
+        if saved.get("task") is not None:
+            diff += dict_diff(saved["task"], run.to_dict()["task"], "task")
+        if diff:
+            raise CheckpointError(
+                f"cannot resume {ckpt}: the config differs from the checkpoint's at {', '.join(diff[:8])}; "
+                "use the same config to resume, or start a new run with another --out."
+            )
+    _prepare_out_dir(out, bool(resume), overwrite)
+
+    if tc.num_threads > 0:
+        torch.set_num_threads(tc.num_threads)
+    device = resolve_device(tc.device)
+    random.seed(tc.seed)
+    np.random.seed(tc.seed)
+    torch.manual_seed(tc.seed)
+
+    train_set, eval_set = build_task(task)
+    tokenizer = load_tokenizer(task.tokenizer) if task.name == "text" else None
+    _check_vocab(run.model.vocab_size, train_set, task)
+
+    if ckpt is not None:
+        with quiet_hf_progress():
+            model = zoo.ZooForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    else:
+        model = zoo.build_model(run)
+    model.to(device).train()
+    optimizer = build_optimizer(model, tc)
+    scheduler = build_scheduler(optimizer, tc)
+    sampler = EpochSampler(len(train_set), tc.batch_size, tc.seed)
+    sparse = _sparse_head(model) and float((train_set.labels != IGNORE_INDEX).float().mean()) < 0.5
+    history: list[dict] = []
+    window = _Window()
+    step = 0
+    if ckpt is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["data"])
+        window.load_state_dict(state["window"])
+        history = list(state["history"])
+        step = int(state["step"])
+        set_rng_state(state["rng"])
+    write_jsonl(out / METRICS, history)
+
+    run_dict = run.to_dict()
+    eval_bs = tc.eval_batch_size or tc.batch_size
+    last_eval = next((r for r in reversed(history) if "eval/accuracy" in r), None)
+    last_ckpt = ckpt
+    end = tc.steps if stop_after is None else min(tc.steps, stop_after)
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(total=tc.steps, initial=step, disable=not tc.progress, desc="train", dynamic_ncols=True)
+    try:
+        with open(out / METRICS, "a") as log:
+            while step < end:
+                t_start = time.perf_counter()
+                for _ in range(tc.grad_accum):
+                    idx = sampler.next()
+                    x, y = train_set.batch(idx)
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    with autocast_for(device, tc.precision):
+                        loss, aux, preds, tgt, _ = lm_step(model, x, y, sparse)
+                        total = loss if aux is None else loss + aux
+                    (total / tc.grad_accum).backward()
+                    window.add(loss, aux, preds, tgt, x.numel())
+                gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window.seconds += time.perf_counter() - t_start
+                bar.update(1)
+
+                is_last = step == tc.steps
+                if step % tc.log_every == 0 or is_last:
+                    row = window.row(step, lr, float(gnorm))
+                    history.append(row)
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc=f"{row['train/accuracy']:.3f}",
+                                    tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+                if (tc.eval_every > 0 and step % tc.eval_every == 0) or is_last:
+                    ev = evaluate(model, eval_set, batch_size=eval_bs, max_batches=tc.eval_batches,
+                                  device=device, precision=tc.precision)
+                    last_eval = {"step": step, "eval/loss": ev["loss"], "eval/accuracy": ev["accuracy"]}
+                    history.append(last_eval)
+                    log.write(json.dumps(last_eval) + "\n")
+                    log.flush()
+                    bar.write(f"step {step}: eval loss {ev['loss']:.4f}  accuracy {ev['accuracy']:.4f}")
+                periodic = tc.save_every > 0 and step % tc.save_every == 0
+                if periodic or is_last:
+                    trainer_state = {
+                        "step": step,
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "data": sampler.state_dict(),
+                        "window": window.state_dict(),
+                        "rng": rng_state(),
+                        "history": history,
+                    }
+                    name = FINAL if is_last else f"checkpoint-{step}"
+                    last_ckpt = save_checkpoint(out / name, model, run_config=run_dict,
+                                                trainer_state=trainer_state, tokenizer=tokenizer)
+                    if not is_last:
+                        rotate_checkpoints(out, tc.keep_checkpoints)
+                    plot_curves(history, out / CURVES, title=" + ".join(Path(s).stem for s in run.source))
+    finally:
+        bar.close()
+    if history:
+        plot_curves(history, out / CURVES, title=" + ".join(Path(s).stem for s in run.source))
+    return TrainResult(
+        checkpoint=last_ckpt,
+        step=step,
+        eval_loss=last_eval["eval/loss"] if last_eval else None,
+        eval_accuracy=last_eval["eval/accuracy"] if last_eval else None,
+        history=history,
+    )
+
+
+class _Window:
+    """Running sums of the training metrics between two log rows (kept as tensors: no sync per step)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), dtype=torch.float64)
+        self.aux: torch.Tensor | None = None
+        self.correct = torch.zeros((), dtype=torch.float64)
+        self.count = torch.zeros((), dtype=torch.float64)
+        self.micro = 0
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def add(self, loss: torch.Tensor, aux: torch.Tensor | None, preds: torch.Tensor, tgt: torch.Tensor,
+            n_tokens: int) -> None:
+        self.loss = self.loss + loss.detach().double().cpu()
+        if aux is not None:
+            a = aux.detach().double().cpu()
+            self.aux = a if self.aux is None else self.aux + a
+        self.correct = self.correct + (preds == tgt).sum().double().cpu()
+        self.count = self.count + tgt.numel()
+        self.micro += 1
+        self.tokens += n_tokens
+
+    def row(self, step: int, lr: float, grad_norm: float) -> dict:
+        """One ``metrics.jsonl`` row (train loss and token accuracy averaged over the window), then reset."""
+        row = {
+            "step": step,
+            "train/loss": float(self.loss) / max(self.micro, 1),
+            "train/accuracy": float(self.correct) / max(float(self.count), 1.0),
+            "lr": lr,
+            "grad_norm": grad_norm,
+        }
+        if self.aux is not None:
+            row["train/aux_loss"] = float(self.aux) / max(self.micro, 1)
+        row["tokens_per_s"] = round(self.tokens / max(self.seconds, 1e-9), 1)
+        self.reset()
+        return row
+
+    def state_dict(self) -> dict:
+        return {"loss": self.loss, "aux": self.aux, "correct": self.correct, "count": self.count, "micro": self.micro}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loss, self.aux = state["loss"], state["aux"]
+        self.correct, self.count, self.micro = state["correct"], state["count"], int(state["micro"])

@@ -1,6 +1,6 @@
 """chunk_delta_rule: the chunked (WY/UT) torch path against the sequential recurrent loop, forward + backward.
 
-    python scripts/bench_delta_rule.py                       # CPU, L=4096, B=1, H=4, K=V=64, chunk 64
+    python scripts/bench_delta_rule.py                       # CPU, L=4096, B=1, H=4, K=V=64, chunk 64, 1 thread
     python scripts/bench_delta_rule.py --device cuda         # adds the Triton kernel (bf16 inputs)
 """
 
@@ -41,7 +41,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 avoids oversubscribing a shared CPU)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)

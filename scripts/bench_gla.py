@@ -1,6 +1,6 @@
 """chunk_gla: the chunked torch path against the sequential recurrent loop, forward + backward.
 
-    python scripts/bench_gla.py                  # CPU, L=4096, B=2, H=4, K=V=64, chunk 64, float32
+    python scripts/bench_gla.py                  # CPU (1 thread), L=4096, B=2, H=4, K=V=64, chunk 64, float32
     python scripts/bench_gla.py --device cuda    # adds the Triton kernel (bf16 inputs)
 
 Both decay kinds are timed: a scalar log-decay per head (RetNet, SSD) and one per key dim (GLA).
@@ -41,7 +41,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the 2 shared cores spin when oversubscribed)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rows = []

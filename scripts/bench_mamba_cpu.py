@@ -101,6 +101,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.processor())
+    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     header = [
         f"## Mamba-1 LM forward+backward on CPU ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)",
@@ -111,7 +112,7 @@ def main() -> None:
         f"vocab {args.vocab}, no MLP, float32; transformers' MambaForCausalLM on its torch path with the same weights "
         f"(logits rel. err {logit_err:.1e})",
         f"- timing: median of {args.repeats} (zoo) / {args.hf_repeats} (transformers) forward+backward runs after warm-up",
-        f"- command: `{' '.join(['python', *sys.argv])}`",
+        f"- command: `{env}{' '.join(['python', *sys.argv])}`",
         "",
     ]
     out = Path(args.out)

@@ -136,6 +136,9 @@ def test_zoo_generate_text_with_byte_tokenizer(tmp_path, capsys):
         ("task: {name: mqqar}\n", "task.name"),
         ("model: {pattern: [atention]}\n", "attention"),
         ("model: {d_model: 30, mixers: {attention: {n_heads: 4}}}\n", "n_heads"),
+        ("train: {log_every: 0}\n", "train.log_every"),
+        ("task: {seq_len: 63}\n", "task.seq_len"),
+        ("task: {name: text}\n", "task.path"),
     ],
 )
 def test_bad_config_exits_2_with_one_line(tmp_path, capsys, content, needle):

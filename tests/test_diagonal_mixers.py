@@ -207,3 +207,21 @@ def test_hgrn_lower_bounds_monotone_in_layer_and_zero_at_first_layer():
 def test_bad_config_raises_one_clear_error(name, kw, match):
     with pytest.raises(ValueError, match=match):
         get_mixer(name)(D, **kw)
+
+
+@pytest.mark.parametrize("name", ["mingru", "minlstm", "hgrn", "gateloop"])
+def test_model_generate_matches_greedy_full_forward(name):
+    from zoo import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"model": {"vocab_size": 64, "d_model": 16, "n_layers": 2, "pattern": [name], "mlp": "none"}}).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(4):
+            seq = torch.cat([seq, model(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+    if name == "hgrn":  # the model owns one lower-bound parameter and binds it to both layers
+        bounds = [layer.mixer.lower_bound() for layer in model.model.layers]
+        assert torch.all(bounds[0] == 0) and torch.all(bounds[1] > 0)

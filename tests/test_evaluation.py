@@ -64,6 +64,19 @@ def test_missing_checkpoint_fails_clearly(tmp_path):
         load_for_eval(tmp_path / "nope")
 
 
+def test_classifier_checkpoint_is_refused(tmp_path):
+    cfg = zoo.ZooConfig(vocab_size=260, d_model=32, n_layers=1, mixers={"attention": {"n_heads": 4}}, num_labels=2)
+    zoo.build_model(cfg, head="classification").save_pretrained(tmp_path / "cls")
+    with pytest.raises(EvalError, match="ZooForSequenceClassification; lm-eval and perplexity need a causal-LM"):
+        load_for_eval(tmp_path / "cls")
+
+
+def test_train_run_folder_resolves_to_its_final_checkpoint(tmp_path):
+    save_checkpoint(tmp_path / "run" / "final")
+    model, tok = load_for_eval(tmp_path / "run")
+    assert isinstance(model, zoo.ZooForCausalLM) and isinstance(tok, ByteTokenizer)
+
+
 lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval adapter needs the [eval] extra (pip install 'seq-zoo[eval]')")
 
 

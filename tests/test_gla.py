@@ -224,3 +224,13 @@ def test_ssd_bad_input_raises_clear_error(change, message):
     x, dt, A, B, C, D, _ = (t.detach() for t in ssd_inputs())
     with pytest.raises(ValueError, match=message):
         ssd(**change(dict(x=x, dt=dt, A=A, B=B, C=C, D=D)))
+
+
+@needs_triton
+def test_triton_bf16_inputs_match_float32():
+    ins = [t.detach() for t in make_inputs(1, 32, 1, 16, 16, per_key=False, h0=False, dtype=torch.float32)]
+    o_bf, s_bf = chunk_gla(*(t.bfloat16() for t in ins), output_final_state=True, chunk_size=16, backend="triton")
+    o_32, s_32 = chunk_gla(*(t.bfloat16().float() for t in ins), output_final_state=True, chunk_size=16, backend="torch")
+    assert o_bf.dtype == torch.bfloat16 and s_bf.dtype == torch.float32
+    torch.testing.assert_close(o_bf.float(), o_32, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(s_bf, s_32, rtol=1e-4, atol=1e-4)

@@ -92,14 +92,19 @@ def test_torch_path_any_length_matches_reference(L, reverse):
     assert rel_err(h, h_ref) < 1e-12 and rel_err(last, last_ref) < 1e-12
 
 
-def test_half_precision_inputs_accumulate_in_float32():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_inputs_accumulate_in_float32(backend):
     a, b, h0 = make_inputs(2, 40, 6, torch.float32, h0=True)
     a16, b16 = a.bfloat16(), b.bfloat16()
+    gh, gl = torch.randn(2, 40, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    _, g_ref = grads_of(linear_scan_ref, a16.double(), b16.double(), h0, gh, gl)
+    (h, last), g = grads_of(lambda x, y, s: linear_scan(x, y, s.float(), backend=backend), a16, b16, h0, gh, gl)
     h_ref, _ = linear_scan_ref(a16.double(), b16.double(), h0)
-    for backend in BACKENDS:
-        h, last = linear_scan(a16, b16, h0.float(), backend=backend)
-        assert h.dtype == torch.bfloat16 and last.dtype == torch.bfloat16
-        assert rel_err(h, h_ref) < 1e-2
+    assert h.dtype == torch.bfloat16 and last.dtype == torch.bfloat16
+    assert rel_err(h.double(), h_ref) < 1e-2
+    assert g[0].dtype == torch.bfloat16 and g[2].dtype == torch.float64
+    for name, x, y in zip(["da", "db", "dh0"], g, g_ref):
+        assert rel_err(x.double(), y) < 2e-2, name
 
 
 def _long_inputs(L: int, D: int):

@@ -138,6 +138,26 @@ def test_packed_equals_separate():
         m(torch.cat(seqs, 1), cu_seqlens=cu, cache=new_cache())
 
 
+def test_triton_kernels_equal_torch_kernels_in_the_mixer(monkeypatch):
+    import functools
+
+    import zoo.mixers.mamba as mod
+
+    m = make(d_model=4, d_state=2)
+    x = torch.randn(2, 6, 4, dtype=F64)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    state = m.init_state(2, dtype=F64)
+    state["ssm"].normal_()
+    ref = [m.scan(x, state=state, return_state=True), m.scan(x, mask=mask, return_state=True)]
+    monkeypatch.setattr(mod, "selective_scan", functools.partial(mod.selective_scan, backend="triton"))
+    monkeypatch.setattr(mod, "causal_conv1d", functools.partial(mod.causal_conv1d, backend="triton"))
+    got = [m.scan(x, state=state, return_state=True), m.scan(x, mask=mask, return_state=True)]
+    for (y_r, s_r), (y_g, s_g) in zip(ref, got):
+        assert rel_err(y_g, y_r) < 1e-10
+        for k in s_r:
+            assert rel_err(s_g[k], s_r[k]) < 1e-10
+
+
 def test_gradients_reach_every_parameter():
     m = make(dtype=torch.float32)
     m(torch.randn(2, 10, 16)).square().mean().backward()

@@ -159,6 +159,16 @@ def test_triton_backend_matches_torch_backend():
     torch.testing.assert_close(y_triton, y_torch, rtol=1e-10, atol=1e-10)
 
 
+def test_bf16_long_sequence_is_finite():
+    torch.manual_seed(0)
+    m = MoM(D, n_heads=2, head_dim=16).to(torch.bfloat16).train()
+    x = torch.randn(1, 16384, D, dtype=torch.bfloat16, requires_grad=True)
+    y = m(x)
+    (y.float().square().mean() + m.aux_loss).backward()
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+
+
 def test_state_size_counts_all_memories_shared_and_conv_states():
     m = make()
     state = m.init_state(1)

@@ -148,6 +148,18 @@ def test_state_update_equals_scan(G):
     assert_close(h, h_full, what="state")
 
 
+def test_chunked_saves_states_only_at_chunk_starts():
+    Bsz, E, N, L, chunk = 2, 64, 16, 256, 32
+    inp = make_inputs(Bsz=Bsz, E=E, N=N, L=L, dtype=torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        selective_scan_chunked(*[inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")], True,
+                               chunk_size=chunk)
+    full_states = Bsz * E * L * N
+    assert max(saved) <= Bsz * E * L  # no saved tensor is state-sized: only (B, E, L) inputs and chunk-start states
+    assert sum(saved) < full_states  # all saved tensors together are smaller than one (B, E, L, N) tensor
+
+
 def test_long_sequence_bf16_is_finite():
     torch.manual_seed(0)
     L, E, N = 16384, 8, 16

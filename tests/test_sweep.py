@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -44,6 +46,7 @@ def test_tiny_grid_writes_csv_and_both_plots(tmp_path, monkeypatch):
     assert all(r["state_size"] == 2 * 2 * r["d_model"] * r["seq_len"] for r in att)  # 2 layers x (K+V) x width x L
     for key in ("width_png", "state_png"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "tiny-width.png" in paths["report"].read_text()
 
     # A second run reuses the finished rows instead of training again.
     monkeypatch.setattr(sw, "run_one", lambda run: pytest.fail("finished runs must not be trained again"))
@@ -91,6 +94,6 @@ def test_impossible_width_fails_before_training(tmp_path):
 
 @pytest.mark.parametrize("name", ["mqar-cpu", "mqar-full"])
 def test_shipped_sweeps_validate(name):
-    sweep = sw.load_sweep(f"configs/sweeps/{name}.yaml")
+    sweep = sw.load_sweep(Path(__file__).resolve().parent.parent / "configs" / "sweeps" / f"{name}.yaml")
     for run in sweep.runs():
         zoo.load_config(run["config"])

@@ -37,36 +37,36 @@ class FinetuneConfig:
     model: str  # a zoo checkpoint folder (config.json + safetensors) or a config YAML for a fresh model
     data: str  # a local data file / folder, or a hub dataset name
     out: str  # output folder: Trainer checkpoints, then final/ with the model and tokenizer
-    task: Literal["causal_lm", "classification"] = "causal_lm"
+    task: Literal["causal_lm", "classification"] = "causal_lm"  # causal LM or sequence classifier head
     eval_data: str | None = None  # held-out file; None: no evaluation
-    text_column: str = "text"
-    label_column: str = "label"  # classification only
+    text_column: str = "text"  # column holding the text (txt files: each line is a document)
+    label_column: str = "label"  # classification only: integer or string labels
     tokenizer: str | None = None  # "byte", a local tokenizer folder, or None: the checkpoint's own, else byte
     seq_len: int = 512  # max tokens per document (longer causal-LM documents are split, classifier inputs cut)
     pack: bool = False  # causal LM: pack documents into rows of seq_len tokens with cu_seqlens
-    epochs: float = 1.0
+    epochs: float = 1.0  # passes over the training data
     max_steps: int = -1  # > 0 overrides epochs
     batch_size: int = 8  # examples (packed rows when pack=True) per device step
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_scheduler: str = "cosine"
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
+    grad_accum: int = 1  # micro-batches per optimizer update
+    lr: float = 1e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 0  # linear warmup updates
+    lr_scheduler: str = "cosine"  # any transformers scheduler name (linear, cosine, constant, ...)
+    max_grad_norm: float = 1.0  # gradient clipping
+    gradient_checkpointing: bool = False  # recompute each block in backward (less memory, more time)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA when supported, else fp32
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
+    lora: bool = False  # train LoRA adapters (peft) instead of all weights
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: int = 16  # LoRA scaling numerator (scale = alpha / r)
+    lora_dropout: float = 0.0  # dropout on the LoRA input
     lora_targets: list[str] | None = None  # None: every Linear named *proj inside the mixers (default_lora_targets)
     resize_embeddings: bool = False  # grow the embedding when the tokenizer has more tokens than the model
     resume: bool = False  # continue from the newest checkpoint-* in `out`
-    save_steps: int = 0  # 0: one checkpoint at the end
-    logging_steps: int = 10
+    save_steps: int = 0  # updates between resumable checkpoint-* folders; 0: none (only final/)
+    logging_steps: int = 10  # updates between loss log lines
     eval_steps: int = 0  # 0: evaluate at the end only (when eval_data is set)
-    seed: int = 0
-    progress: bool = True
+    seed: int = 0  # model init (fresh models), data order, dropout
+    progress: bool = True  # show the Trainer's progress bar
     extra: dict[str, Any] = field(default_factory=dict)  # further TrainingArguments, passed through
 
 
@@ -241,8 +241,9 @@ def load_tokenizer_for(model_path: str, tokenizer: str | None):
 
 def load_model(model_path: str, task: str, *, num_labels: int | None = None, id2label: dict | None = None):
     """A ``ZooForCausalLM`` / ``ZooForSequenceClassification`` from a checkpoint folder or a fresh one from a YAML."""
-    import zoo  # noqa: F401  (registers the Auto* classes)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    import zoo
 
     if task not in TASKS:
         raise FinetuneError(f"--task: {task!r} is not a task; choose one of {', '.join(TASKS)}.")
@@ -324,8 +325,9 @@ def apply_lora(model: nn.Module, cfg: FinetuneConfig):
 
 def load_finetuned(path: str | Path, *, merge: bool = True):
     """A fine-tuned model from ``path``: a full checkpoint, or a LoRA adapter folder (merged into its base)."""
-    import zoo  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    import zoo  # noqa: F401
 
     p = Path(path)
     if (p / "adapter_config.json").is_file():
@@ -516,9 +518,23 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _field_help() -> dict[str, str]:
+    """The comment after each :class:`FinetuneConfig` field, as its ``--help`` text."""
+    import inspect
+    import re
+
+    out = {}
+    for line in inspect.getsource(FinetuneConfig).splitlines():
+        m = re.match(r"\s+(\w+): .*?#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).replace("%", "%%")
+    return out
+
+
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     """The fine-tuning flags, one per :class:`FinetuneConfig` field."""
     defaults = FinetuneConfig(model="", data="", out="")
+    helps = _field_help()
     p.add_argument("model", help=_HELP["model"])
     p.add_argument("--data", required=True, help=_HELP["data"])
     p.add_argument("--out", required=True, help=_HELP["out"])
@@ -527,15 +543,16 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
+        h = helps.get(f.name)
         if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=h)
         elif f.name == "lora_targets":
-            p.add_argument(flag, nargs="+", default=None, help="module names (default: every mixer Linear named *proj)")
+            p.add_argument(flag, nargs="+", default=None, help=h)
         elif f.name in ("task", "precision"):
-            p.add_argument(flag, choices=TASKS if f.name == "task" else ("auto", "fp32", "bf16"), default=default)
+            p.add_argument(flag, choices=TASKS if f.name == "task" else ("auto", "fp32", "bf16"), default=default, help=h)
         else:
             kind = {int: int, float: float}.get(type(default), str)
-            p.add_argument(flag, type=kind, default=default)
+            p.add_argument(flag, type=kind, default=default, help=h)
 
 
 def run_finetune(args: argparse.Namespace) -> int:

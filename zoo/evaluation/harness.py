@@ -53,6 +53,8 @@ def load_for_eval(checkpoint: str | Path, tokenizer: str | None = None, *, devic
         tok = load_tokenizer_for(str(p), tokenizer)
     except FinetuneError as e:
         raise EvalError(str(e)) from None
+    if not hasattr(model, "lm_head"):
+        raise EvalError(f"{str(p)!r} is a {type(model).__name__}; lm-eval and perplexity need a causal-LM checkpoint.")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(dev).eval(), tok
 
@@ -104,8 +106,9 @@ class ZooLM(_LMBase):
             for i in idx:
                 ctx, cont = items[i]
                 full = (list(ctx) + list(cont))[-(self.max_length + 1) :]
+                n_cont = min(len(cont), len(full) - 1)  # a continuation longer than the window is scored in part
                 rows.append(full[:-1])
-                conts.append(full[len(full) - len(cont) :] if cont else [])
+                conts.append(full[len(full) - n_cont :] if n_cont else [])
             T = max(len(r) for r in rows)
             x = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
             mask = torch.zeros(len(rows), T, dtype=torch.long)

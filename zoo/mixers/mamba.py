@@ -31,7 +31,11 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
 
 @register_mixer("mamba")
 class Mamba(RecurrentMixer):
-    """The Mamba-1 selective state-space mixer."""
+    """The Mamba-1 selective state-space mixer.
+
+    ``d_inner = expand * d_model``; ``dt_rank`` None means ``ceil(d_model / 16)``; dt is initialised
+    log-uniform in ``[dt_min, dt_max]`` (floored at ``dt_init_floor``); ``bias`` is for in/out_proj.
+    """
 
     def __init__(
         self,

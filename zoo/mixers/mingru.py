@@ -45,7 +45,15 @@ class _MinRNN(RecurrentMixer):
         u = self.in_proj(x).to(torch.promote_types(x.dtype, torch.float32))
         return self._gates(u)
 
-    def scan(self, x, *, state=None, mask=None, cu_seqlens=None, return_state=False):
+    def scan(
+        self,
+        x: torch.Tensor,
+        *,
+        state: State | None = None,
+        mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        return_state: bool = False,
+    ) -> tuple[torch.Tensor, State | None]:
         a, b = pad_identity(*self._coeffs(x), mask)  # (B, L, E) each
         h, last = linear_scan(a, b, state["h"] if state is not None else None, cu_seqlens=cu_seqlens)
         y = self.out_proj(h.to(x.dtype))  # (B, L, D)

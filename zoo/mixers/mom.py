@@ -55,7 +55,12 @@ def _segment_conv(
 
 @register_mixer("mom")
 class MoM(RecurrentMixer):
-    """Mixture-of-Memories: top-k routed gated delta-rule (or GLA) memories plus a shared memory."""
+    """Mixture-of-Memories: top-k routed gated delta-rule (or GLA) memories plus a shared memory.
+
+    Defaults follow the paper: 4 memories, top-2, shared memory on, 4 heads; ``head_dim`` (key and value size
+    per head) defaults to ``d_model // n_heads`` (256 at the paper's d_model 1024) and may be set freely.
+    State per sequence: every memory's ``(H, K, V)`` matrix, its k/v conv inputs, and the q conv inputs.
+    """
 
     causal = True
 

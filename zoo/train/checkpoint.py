@@ -187,9 +187,11 @@ def dict_diff(old: Any, new: Any, prefix: str) -> list[str]:
 
 def model_config_diff(old: Any, new: Any) -> list[str]:
     """Differing key paths between two ``ZooConfig`` objects, ignoring bookkeeping keys."""
-    a = {k: v for k, v in old.to_dict().items() if k not in _IGNORED_MODEL_KEYS}
-    b = {k: v for k, v in new.to_dict().items() if k not in _IGNORED_MODEL_KEYS}
-    return dict_diff(a, b, "model")
+    def plain(cfg: Any) -> dict:  # a JSON round trip: tuples and lists compare equal, as after saving
+        d = {k: v for k, v in cfg.to_dict().items() if k not in _IGNORED_MODEL_KEYS}
+        return json.loads(json.dumps(d, default=str))
+
+    return dict_diff(plain(old), plain(new), "model")
 
 
 def rng_state() -> dict:

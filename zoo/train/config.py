@@ -32,6 +32,20 @@ class TrainConfig:
     num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
     progress: bool = True  # show a tqdm progress bar
 
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be at least 1 (got {getattr(self, key)}).")
+        for key in ("eval_every", "eval_batches", "save_every", "warmup_steps", "num_threads"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key} must be 0 or more (got {getattr(self, key)}).")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be positive (got {self.lr}); e.g. 1e-3.")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio}); e.g. 0.1.")
+        if len(self.betas) != 2:
+            raise ValueError(f"train.betas must be two numbers like [0.9, 0.95] (got {self.betas}).")
+
 
 @dataclass
 class TaskConfig:
@@ -52,3 +66,19 @@ class TaskConfig:
     eval_fraction: float = 0.05
     text_column: str = "text"
     tokenizer: str = "byte"  # "byte" (built in) or a local tokenizer folder
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise ValueError(f"task.seq_len must be at least 2 (got {self.seq_len}).")
+        if self.num_train < 1 or self.num_test < 0:
+            raise ValueError(f"task.num_train must be >= 1 and task.num_test >= 0 (got {self.num_train}, {self.num_test}).")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"task.eval_fraction must be in [0, 1) (got {self.eval_fraction}); e.g. 0.05.")
+        if self.name == "mqar":
+            from zoo.data.mqar import check_mqar_args
+
+            check_mqar_args(self.vocab_size, self.seq_len, self.num_kv_pairs, self.power_a)
+        elif self.name == "text" and not self.path:
+            raise ValueError("task.path is required for task.name=text; set it to a local .txt/.jsonl/.csv/.parquet file.")
+        elif self.name != "text" and self.vocab_size < 3:
+            raise ValueError(f"task.vocab_size must be at least 3 for {self.name} (got {self.vocab_size}).")

@@ -224,8 +224,9 @@ def train(
         state = load_trainer_state(ckpt)
         diff = model_config_diff(zoo.ZooConfig.from_pretrained(ckpt), run.model)
         saved = load_run_config(ckpt) or {}
-        if saved.get("task") is not None:
-            diff += dict_diff(saved["task"], run.to_dict()["task"], "task")
+        if saved.get("task") is not None:  # fields added to TaskConfig since the save are not compared
+            new_task = {k: v for k, v in run.to_dict()["task"].items() if k in saved["task"]}
+            diff += dict_diff(saved["task"], new_task, "task")
         if diff:
             raise CheckpointError(
                 f"cannot resume {ckpt}: the config differs from the checkpoint's at {', '.join(diff[:8])}; "
@@ -304,7 +305,7 @@ def train(
                     log.flush()
                     bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc=f"{row['train/accuracy']:.3f}",
                                     tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
-                if (tc.eval_every > 0 and step % tc.eval_every == 0) or is_last:
+                if len(eval_set) and ((tc.eval_every > 0 and step % tc.eval_every == 0) or is_last):
                     ev = evaluate(model, eval_set, batch_size=eval_bs, max_batches=tc.eval_batches,
                                   device=device, precision=tc.precision)
                     last_eval = {"step": step, "eval/loss": ev["loss"], "eval/accuracy": ev["accuracy"]}

@@ -3,7 +3,8 @@
 Inside a chunk of C tokens with in-chunk cumulative log-decay ``G`` and carried-in state ``S0``, the
 delta rule's corrected values ``v~_t = beta_t (v_t - exp(g_t) S_{t-1}^T k_t)`` solve the unit lower
 triangular system ``(I + A) v~ = beta v - (beta exp(G) k) S0`` with
-``A[t, i] = beta_t exp(G_t - G_i) k_t.k_i`` (i < t). With ``T = (I + A)^-1``, ``u = T (beta v)`` and
+``A[t, i] = beta_t exp(G_t - G_i) k_t.k_i`` (i < t). With ``T = (I + A)^-1`` (inverted by block recursion over
+batched matmuls, forward substitution inside 16-row blocks), ``u = T (beta v)`` and
 ``w = T (beta exp(G) k)`` are computed for every chunk at once; only the K x K state update
 ``S <- (exp(G_C) I - kd^T w) S + kd^T u`` (``kd_i = exp(G_C - G_i) k_i``) runs in a Python loop, one
 iteration per chunk. Sequences (batch rows or packed ``cu_seqlens`` pieces) are cut into chunks that never

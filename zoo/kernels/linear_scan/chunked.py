@@ -78,11 +78,12 @@ def _two_pass(
         else:
             torch.addcmul(b_c, a_c, s, out=s)
             P.mul_(a_c)
+    chunks = list(range(n - 1, -1, -1) if reverse else range(n))
     carry = torch.empty_like(s)  # (B, n, D): the state entering each chunk
-    state = h0 if h0 is not None else out.new_zeros(B, D)
-    for i in range(n - 1, -1, -1) if reverse else range(n):
-        carry[:, i] = state
-        state = torch.addcmul(s[:, i], P[:, i], state)
+    carry[:, chunks[0]] = h0 if h0 is not None else 0
+    for i, j in zip(chunks[:-1], chunks[1:]):
+        torch.addcmul(s[:, i], P[:, i], carry[:, i], out=carry[:, j])
+    state = torch.addcmul(s[:, chunks[-1]], P[:, chunks[-1]], carry[:, chunks[-1]])
     s = carry
     for c in order:
         s = torch.addcmul(inp(c), decay(c), s, out=out[:, :, c])
@@ -97,7 +98,7 @@ class _BlockedScan(torch.autograd.Function):
         B, L, D = a.shape
         C = _chunk_size(L)
         a4, b4 = _chunked(a, C, 1.0), _chunked(b, C, 0.0)
-        h4 = torch.empty_like(b4)
+        h4 = torch.empty(b4.shape, dtype=b4.dtype, device=b4.device)
         last = _two_pass(lambda c: a4[:, :, c], lambda c: b4[:, :, c], h0, h4, reverse)
         ctx.reverse = reverse
         ctx.save_for_backward(a4, h4, h0)
@@ -113,8 +114,7 @@ class _BlockedScan(torch.autograd.Function):
         ones = a4.new_ones(B, D)
         start = h0 if h0 is not None else a4.new_zeros(B, D)
         dy4 = _chunked(dh, C, 0.0)
-        g4 = torch.empty_like(h4)
-        da4 = torch.empty_like(h4)
+        g4, da4 = torch.empty_like(h4), torch.empty_like(h4)  # h4 is contiguous, so are these
 
         def grad_a(c: int, g: torch.Tensor) -> None:  # da_t = g_t * conj(h_prev)
             torch.mul(g, _shifted(h4, c, -step, start).conj(), out=da4[:, :, c])

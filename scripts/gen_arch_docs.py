@@ -1,0 +1,300 @@
+#!/usr/bin/env python
+"""Generate docs/architectures/<mixer>.md (one page per registered mixer) and docs/support.md from the code.
+
+Everything that can be read off the code is: the constructor defaults, the kernels a mixer calls and the
+backends those kernels offer, whether decoding and packing work (checked on a tiny model: prefill + step
+against the full forward, packed against separate sequences), and ``state_size()`` at a few widths. The
+description of what each mixer computes is its module docstring plus its section of ../shared/math.md
+(or docs/math.md) when there is one. A new mixer gets a page with no change here.
+
+    python scripts/gen_arch_docs.py            # rewrites the pages
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import zoo  # noqa: E402
+from zoo.config import mixer_schema  # noqa: E402
+from zoo.sweep import mixer_state_size  # noqa: E402
+
+#: Paper of each architecture (title, authors and year, arXiv id).
+PAPERS = {
+    "attention": ("Attention Is All You Need", "Vaswani et al. 2017", "1706.03762"),
+    "s4": ("Efficiently Modeling Long Sequences with Structured State Spaces (S4); diagonal variant: "
+           "On the Parameterization and Initialization of Diagonal State Space Models (S4D, arXiv 2206.11893)",
+           "Gu, Goel & Ré 2021; Gu, Gupta, Goel & Ré 2022", "2111.00396"),
+    "mamba": ("Mamba: Linear-Time Sequence Modeling with Selective State Spaces", "Gu & Dao 2023", "2312.00752"),
+    "mamba2": ("Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured State "
+               "Space Duality (Mamba-2)", "Dao & Gu 2024", "2405.21060"),
+    "hydra": ("Hydra: Bidirectional State Space Models Through Generalized Matrix Mixers", "Hwang et al. 2024",
+              "2407.09941"),
+    "retnet": ("Retentive Network: A Successor to Transformer for Large Language Models", "Sun et al. 2023",
+               "2307.08621"),
+    "hgrn": ("Hierarchically Gated Recurrent Neural Network for Sequence Modeling", "Qin, Yang & Zhong 2023",
+             "2311.04823"),
+    "mom": ("MoM: Linear Sequence Modeling with Mixture-of-Memories", "Du et al. 2025", "2502.13685"),
+    "gateloop": ("GateLoop: Fully Data-Controlled Linear Recurrence for Sequence Modeling", "Katsch 2023",
+                 "2311.01927"),
+    "mingru": ("Were RNNs All We Needed?", "Feng et al. 2024", "2410.01201"),
+    "minlstm": ("Were RNNs All We Needed?", "Feng et al. 2024", "2410.01201"),
+}
+
+#: Heading prefix of each mixer's section in math.md.
+MATH_SECTIONS = {
+    "s4": "## S4", "mamba": "## Mamba (", "mamba2": "## Mamba-2", "hydra": "## Hydra", "retnet": "## RetNet",
+    "hgrn": "## HGRN", "mom": "## MoM", "gateloop": "## GateLoop", "mingru": "## minGRU", "minlstm": "## minGRU",
+}
+
+#: State-size formulas in words, each with a check against the code (the check must agree, else it is left out).
+FORMULAS = {
+    "attention": ("2 · n_kv_heads · head_dim · T floats for T cached tokens (T ≤ window with a sliding window); "
+                  "defaults: 2·D·T", lambda m, T: 2 * m.n_kv_heads * m.head_dim * (min(T, m.window) if m.window else T)),
+    "mamba": ("E · (d_conv − 1 + d_state), E = expand · D (conv state + SSM state); defaults: 2D · 19 = 38·D",
+              lambda m, T: m.d_inner * (m.d_conv - 1 + m.d_state)),
+    "mamba2": ("(E + 2 · ngroups · d_state) · (d_conv − 1) + nheads · headdim · d_state, E = expand · D "
+               "= nheads · headdim; defaults: 262·D + 768",
+               lambda m, T: m.conv_dim * (m.d_conv - 1) + m.nheads * m.headdim * m.d_state),
+    "s4": ("D · d_state (d_state/2 complex modes per channel, 2 floats each); doubled when bidirectional",
+           lambda m, T: m.d_model * m.d_state * (1 if m.causal else 2)),
+    "hydra": ("2 · nheads · headdim · d_state (forward and backward SSD states; no decoding state)",
+              lambda m, T: 2 * m.nheads * m.headdim * m.d_state),
+    "retnet": ("n_heads · d_k · d_v (one d_k × d_v retention state per head)",
+               lambda m, T: m.n_heads * m.head_k * m.head_v),
+    "hgrn": ("width (×2 for the complex-state variant)", lambda m, T: m.width * (2 if m.complex else 1)),
+    "gateloop": ("2 · channels (one complex number per channel)", lambda m, T: 2 * m._channels),
+    "mingru": ("expand · D", lambda m, T: m.d_inner),
+    "minlstm": ("expand · D", lambda m, T: m.d_inner),
+    "mom": ("n_slots · (H · K² + 2 · H · K · (conv − 1)) + H · K · (conv − 1), n_slots = n_memories (+1 shared); "
+            "H heads of dim K: one K×K memory per head and slot plus the q/k/v short-conv states",
+            lambda m, T: m.n_slots * (m.n_heads * m.head_dim**2 + 2 * m.n_heads * m.head_dim * (m.conv_size - 1))
+            + m.n_heads * m.head_dim * (m.conv_size - 1)),
+}
+
+WIDTHS = (64, 128, 256)
+T_REF = 1024  # attention's state is reported at this many cached tokens
+
+
+def math_text() -> str:
+    for p in (ROOT.parent / "shared" / "math.md", ROOT / "docs" / "math.md"):
+        if p.is_file():
+            return p.read_text()
+    return ""
+
+
+def math_section(name: str, text: str) -> str:
+    head = MATH_SECTIONS.get(name)
+    if not head or not text:
+        return ""
+    lines, out, on = text.splitlines(), [], False
+    for line in lines:
+        if line.startswith("## "):
+            if on:
+                break
+            on = line.startswith(head)
+            if on:
+                out.append("### " + line[3:])
+                continue
+        if on:
+            out.append(line)
+    return "\n".join(out).strip()
+
+
+def kernel_backends() -> dict[str, list[str]]:
+    """Public kernel function -> backends it offers (torch always; triton when a triton.py exists; cuda when a
+    package is named for it)."""
+    import zoo.kernels as K
+
+    out = {}
+    for fn, module in K._EXPORTS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        if not hasattr(mod, fn):
+            continue
+        folder = Path(mod.__file__).parent
+        src = Path(mod.__file__).read_text()
+        backends = ["torch"]
+        if (folder / "triton.py").is_file():
+            backends.append("triton")
+        pkg = re.search(r'cuda_package="([\w-]+)"', src)
+        if pkg:
+            backends.append(f"cuda ({pkg.group(1)})")
+        out[fn] = backends
+    return out
+
+
+def kernels_used(cls: type) -> list[str]:
+    """Names of the public ``zoo.kernels`` functions a mixer module calls."""
+    import zoo.kernels as K
+
+    src = inspect.getsource(sys.modules[cls.__module__])
+    names = set()
+    for m in re.finditer(r"from zoo\.kernels(?:\.\w+)? import (\([^)]*\)|[^\n]+)", src):
+        names.update(n.strip() for n in m.group(1).replace("(", "").replace(")", "").split(","))
+    names.update(re.findall(r"\bkernels\.(\w+)\(", src))
+    return sorted(n for n in names if n in K._EXPORTS)
+
+
+def tiny_model(name: str, d: int = 64) -> zoo.ZooForCausalLM:
+    torch.manual_seed(0)
+    cfg = zoo.ZooConfig(vocab_size=50, d_model=d, n_layers=1, pattern=[name], mlp="none",
+                        mixers={"attention": {"n_heads": 4}})
+    return zoo.ZooForCausalLM(cfg).eval()
+
+
+@torch.no_grad()
+def check_decode(model) -> bool:
+    if not all(b.mixer.has_step for b in model.model.layers):
+        return False
+    x = torch.randint(0, 50, (1, 10))
+    full = model(x).logits
+    cache = model.new_cache()
+    parts = [model(x[:, :6], past_key_values=cache, use_cache=True).logits]
+    parts += [model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(6, 10)]
+    return torch.allclose(torch.cat(parts, 1), full, rtol=1e-3, atol=1e-4)
+
+
+@torch.no_grad()
+def check_packing(model) -> bool:
+    a, b = torch.randint(0, 50, (1, 7)), torch.randint(0, 50, (1, 5))
+    try:
+        out = model(torch.cat([a, b], 1), cu_seqlens=torch.tensor([0, 7, 12], dtype=torch.int32)).logits
+    except (ValueError, RuntimeError, NotImplementedError):
+        return False
+    return torch.allclose(out[:, :7], model(a).logits, rtol=1e-3, atol=1e-4) and torch.allclose(
+        out[:, 7:], model(b).logits, rtol=1e-3, atol=1e-4)
+
+
+def describe(name: str, backends: dict[str, list[str]], math: str) -> tuple[str, dict]:
+    cls = zoo.get_mixer(name)
+    mod = sys.modules[cls.__module__]
+    model = tiny_model(name)
+    mixer = model.model.layers[0].mixer
+    used = kernels_used(cls)
+    info = {
+        "causal": bool(mixer.causal), "decode": check_decode(model) if mixer.causal else False,
+        "packing": check_packing(model), "kernels": used,
+        "triton": bool(used) and all("triton" in backends.get(k, []) for k in used),
+        "cuda": sorted({b for k in used for b in backends.get(k, []) if b.startswith("cuda")}),
+        "lora": _lora_targets(model),
+    }
+    schema = mixer_schema(cls)
+    sig = inspect.signature(cls.__init__)
+    rows = [f"| `{k}` | `{getattr(t, '__name__', str(t)).replace('typing.', '')}` | `{sig.parameters[k].default!r}` |"
+            for k, t in schema.items()]
+    sizes = []
+    for d in WIDTHS:
+        m = tiny_model(name, d).model.layers[0].mixer
+        sizes.append((d, mixer_state_size(m, T_REF), m))
+    formula, check = FORMULAS.get(name, (None, None))
+    ok = False
+    if check is not None:
+        try:
+            ok = all(check(m, T_REF) == s for _, s, m in sizes)
+        except AttributeError:
+            ok = False
+    src = inspect.getsource(cls.state_size) if "state_size" in cls.__dict__ or any(
+        "state_size" in c.__dict__ for c in cls.__mro__[1:-1]) else ""
+    expr = re.findall(r"return (.+)", src)
+    title, authors, arxiv = PAPERS.get(name, (None, None, None))
+    lines = [f"# `{name}` — {cls.__name__}", "",
+             f"Registry name `{name}`, class `{cls.__module__}.{cls.__qualname__}` "
+             f"(`{Path(mod.__file__).relative_to(ROOT)}`). Generated by `scripts/gen_arch_docs.py` from the code.", ""]
+    if title:
+        lines += [f"**Paper:** {title} — {authors}, [arXiv:{arxiv}](https://arxiv.org/abs/{arxiv}).", ""]
+    lines += ["## What it computes", "", inspect.cleandoc(mod.__doc__ or cls.__doc__ or "").strip(), ""]
+    if cls.__doc__ and mod.__doc__ and cls.__doc__.strip() not in mod.__doc__:
+        lines += [inspect.cleandoc(cls.__doc__), ""]
+    sec = math_section(name, math)
+    if sec:
+        lines += ["From the project's reference sheet (math.md):", "", sec, ""]
+    lines += ["## Options and defaults (the YAML schema: `model.mixers." + name + "`)", "",
+              "| option | type | default |", "|---|---|---|", *rows, ""]
+    lines += ["## State size", ""]
+    if ok:
+        lines += [f"Per layer and sequence: {formula}.", ""]
+    if expr:
+        lines += [f"Code (`state_size`): `{expr[-1].strip()}`.", ""]
+    lines += ["With the defaults" + (f" (attention at T = {T_REF} cached tokens)" if name == "attention" else "") + ":",
+              "", "| d_model | floats per layer |", "|---|---|", *[f"| {d} | {s:,} |" for d, s, _ in sizes], ""]
+    lines += ["## Kernels and support", ""]
+    if used:
+        lines += ["| kernel | backends |", "|---|---|", *[f"| `zoo.kernels.{k}` | {', '.join(backends.get(k, ['torch']))} |"
+                                                         for k in used], ""]
+    elif name == "attention":
+        lines += ["No zoo kernel: `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient "
+                  "attention on GPU, math kernel on CPU).", ""]
+    else:
+        lines += ["No zoo kernel: plain torch operations.", ""]
+    lines += [f"- causal: {'yes' if info['causal'] else 'no (bidirectional: encoders / classification)'}",
+              f"- decoding (O(1) step, checked against the full forward): {'yes' if info['decode'] else 'no'}",
+              f"- packing (`cu_seqlens`, checked against separate sequences): {'yes' if info['packing'] else 'no'}",
+              "- LoRA targets (`zoo finetune --lora`, default): "
+              + ", ".join(f"`{n}`" for n in info["lora"]), ""]
+    return "\n".join(lines), info
+
+
+def _lora_targets(model) -> list[str]:
+    from zoo.finetune import default_lora_targets
+
+    return default_lora_targets(model)
+
+
+def support_page(infos: dict[str, dict], backends: dict[str, list[str]]) -> str:
+    lines = ["# What is supported where", "",
+             "Generated by `scripts/gen_arch_docs.py` from the code (decoding and packing are checked on a tiny "
+             "model each time the page is generated). CPU always runs the pure-torch path. *GPU Triton*: every zoo "
+             "kernel the mixer calls has a Triton forward + backward (picked automatically for CUDA tensors). "
+             "*CUDA backend*: the optional `[cuda]` extra packages a kernel can dispatch to with `backend='cuda'`.", "",
+             "| mixer | causal | CPU | GPU Triton | CUDA backend | decode | packing (`cu_seqlens`) | kernels |"
+             " LoRA default targets |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    yes = {True: "yes", False: "no"}
+    for name, i in infos.items():
+        triton = "SDPA (no Triton needed)" if name == "attention" else (
+            yes[i["triton"]] if i["kernels"] else "no kernel (torch ops)")
+        lines.append(f"| [`{name}`](architectures/{name}.md) | {yes[i['causal']]} | yes | {triton} | "
+                     f"{', '.join(i['cuda']) or '—'} | {yes[i['decode']]} | {yes[i['packing']]} | "
+                     f"{', '.join(f'`{k}`' for k in i['kernels']) or '—'} | {', '.join(f'`{n}`' for n in i['lora'])} |")
+    lines += ["", "Kernels and their backends:", "", "| kernel | backends |", "|---|---|"]
+    lines += [f"| `zoo.kernels.{k}` | {', '.join(v)} |" for k, v in sorted(backends.items())]
+    lines += ["", "Fine-tuning (`zoo finetune`) works for every mixer; `--pack` needs packing support, "
+              "generation (`generate()`, lm-eval `generate_until`) needs decode support.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "docs"), help="docs folder")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    (out / "architectures").mkdir(parents=True, exist_ok=True)
+    backends, math = kernel_backends(), math_text()
+    infos = {}
+    for name in zoo.list_mixers():
+        page, infos[name] = describe(name, backends, math)
+        tmp = out / "architectures" / f".{name}.md.tmp"
+        tmp.write_text(page)
+        os.replace(tmp, out / "architectures" / f"{name}.md")
+        print(f"{name}: {infos[name]}")
+    tmp = out / ".support.md.tmp"
+    tmp.write_text(support_page(infos, backends))
+    os.replace(tmp, out / "support.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

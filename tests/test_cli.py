@@ -168,3 +168,26 @@ def test_console_entry_point_prints_no_traceback(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "missing.yaml" in lines[0]
+
+
+def test_zoo_train_on_text_then_generate_with_its_tokenizer(tmp_path, capsys):
+    data = tmp_path / "corpus.txt"
+    data.write_text("".join(f"line {i}: hello zoo, hello world.\n" for i in range(60)))
+    cfg = json.loads(json.dumps(TINY))
+    cfg["model"]["vocab_size"] = 259
+    cfg["task"] = {"name": "text", "path": str(data), "seq_len": 32}
+    path = tmp_path / "text.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "o"
+    assert main(["train", str(path), "--out", str(out), "train.steps=3"]) == 0
+    assert (out / "final" / "tokenizer_config.json").is_file()
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "hello", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("hello")
+
+
+def test_task_names_resolve_to_configs_tasks():
+    from zoo.cli import _task_path
+
+    assert _task_path("mqar").endswith("configs/tasks/mqar.yaml")
+    assert _task_path("no/such.yaml") == "no/such.yaml"

@@ -259,3 +259,15 @@ def test_byte_tokenizer_save_load(tmp_path):
 def test_load_tokenizer_bad_path_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"task\.tokenizer"):
         load_tokenizer(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("task", ["mqar", "copying", "selective_copying", "induction"])
+def test_shipped_task_configs_build_and_fit_the_model_vocab(task):
+    import zoo
+    from zoo.config import CONFIG_DIR
+
+    run = zoo.load_config([CONFIG_DIR / "attention.yaml", CONFIG_DIR / "tasks" / f"{task}.yaml"],
+                          ["task.num_train=64", "task.num_test=8"])
+    train, evalset = build_task(run.task)
+    assert run.task.name == task and train.seq_len == run.task.seq_len and len(evalset) == 8
+    assert int(train.input_ids.max()) < run.model.vocab_size

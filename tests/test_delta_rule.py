@@ -102,6 +102,12 @@ def test_triton_matches_reference_partial_chunk_batched():
 
 
 @needs_triton
+def test_triton_matches_reference_several_value_blocks():
+    xs = make_inputs(1, 20, 1, 16, 64)  # V = 64: two value-column programs, partial dq/dk/dbeta/dg summed
+    check_against_reference(xs, 1e-10, chunk_size=16, backend="triton")
+
+
+@needs_triton
 def test_triton_matches_reference_packed():
     lens = [5, 0, 27]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
@@ -148,3 +154,12 @@ def test_triton_rejects_odd_head_size():
     q, k, v, beta, g, _ = make_inputs(1, 8, 1, 12, 16)
     with pytest.raises(ValueError, match="power of two"):
         chunk_delta_rule(q, k, v, beta, g, backend="triton")
+
+
+@needs_triton
+@pytest.mark.slow
+def test_triton_matches_reference_default_chunk_larger_heads():
+    lens = [70, 1, 129]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    xs = make_inputs(1, sum(lens), 2, 32, 64, n_states=len(lens))
+    check_against_reference(xs, 1e-10, cu_seqlens=cu, chunk_size=64, backend="triton")

@@ -183,6 +183,12 @@ def test_bad_configuration_raises_clear_errors():
         MoM(D, n_heads=3)
     with pytest.raises(ValueError, match="memory must be one of"):
         MoM(D, memory="lstm")
+    m = make()
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    with pytest.raises(ValueError, match="carried state holds 1 sequences"):
+        m.scan(x, state=m.init_state(1, dtype=x.dtype))
+    with pytest.raises(ValueError, match="flatten the batch to B=1"):
+        m.scan(x, cu_seqlens=torch.tensor([0, 5]))
 
 
 def test_yaml_config_builds_a_mom_model():

@@ -8,6 +8,7 @@ with the user's input (configs, checkpoints, files) print one line ``error: ...`
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -30,6 +31,14 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
+
+#: Subcommands whose flags live in their own module, imported only when that command runs:
+#: name -> (module, function adding the arguments to a parser, function running the parsed args, help line).
+EXTERNAL: dict[str, tuple[str, str, str, str]] = {
+    "finetune": ("zoo.finetune", "add_finetune_arguments", "run_finetune",
+                 "fine-tune a zoo model with transformers' Trainer (optionally LoRA)"),
+    "sweep": ("zoo.sweep", "add_sweep_arguments", "run_sweep", "run the MQAR recall sweep (CSV + plots)"),
+}
 
 
 def arg(*flags: str, **kwargs: Any) -> tuple[tuple, dict]:
@@ -153,7 +162,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides=True,
 )
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Evaluate a checkpoint on its own task (from zoo_run.yaml) or on the task given."""
+    """Evaluate a checkpoint on its own task (from zoo_run.yaml) or on the task given.
+
+    With ``--tasks`` / ``--perplexity`` (zoo.evaluation) it runs lm-eval tasks or local-file perplexity instead.
+    """
+    if getattr(args, "tasks", None) or getattr(args, "perplexity", None):
+        from zoo.evaluation import run_lm_eval_args
+
+        return run_lm_eval_args(args)
     import zoo
     from zoo.data import build_task
     from zoo.train.checkpoint import load_run_config, quiet_hf_progress, resolve_checkpoint
@@ -249,17 +265,56 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----- zoo convert -----------------------------------------------------------------------------------
+
+@command(
+    "convert",
+    "convert a Hugging Face or mamba_ssm Mamba / Mamba-2 checkpoint: zoo convert SRC --out DIR",
+    arg("src", help="source checkpoint directory (config.json + safetensors or pytorch_model.bin)"),
+    arg("--out", required=True, help="where to write the zoo checkpoint"),
+)
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert, then print how to load the result."""
+    from zoo.convert import convert_checkpoint
+
+    out = Path(convert_checkpoint(args.src, args.out)).resolve()
+    print(f"converted {args.src} -> {out}")
+    print("load it with:")
+    print("    import zoo; from transformers import AutoModelForCausalLM")
+    print(f'    model = AutoModelForCausalLM.from_pretrained("{out}")')
+    return 0
+
+
 # ----- entry point -----------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``zoo`` parser with one subparser per registered command."""
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The ``zoo`` parser with one subparser per command; ``selected`` also gets its module-provided flags."""
     parser = argparse.ArgumentParser(prog="zoo", description="seq-zoo: efficient sequence architectures.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in COMMANDS.values():
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         for flags, kwargs in cmd.args:
             p.add_argument(*flags, **kwargs)
+        if cmd.name == "eval" and selected == "eval":
+            _add_lm_eval_arguments(p)
+    for name, (module, add, run, help) in EXTERNAL.items():
+        if name in COMMANDS:
+            continue
+        p = sub.add_parser(name, help=help, description=help)
+        if name == selected:
+            mod = importlib.import_module(module)
+            getattr(mod, add)(p)
+            p.set_defaults(_external=getattr(mod, run))
     return parser
+
+
+def _add_lm_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """``zoo eval`` also runs lm-eval tasks / local perplexity (``--tasks``, ``--perplexity``) when installed."""
+    try:
+        from zoo.evaluation import add_lm_eval_arguments
+    except ImportError:
+        return
+    add_lm_eval_arguments(p)
 
 
 def _one_line(e: BaseException) -> str:
@@ -269,14 +324,17 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``zoo`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
-    from zoo.config import ConfigError
-    from zoo.train.checkpoint import CheckpointError
-
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(selected)
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if getattr(args, "_external", None) is not None:
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return _guarded(args._external, args)
     cmd = COMMANDS[args.command]
     args.overrides = []
     if cmd.overrides:
@@ -295,9 +353,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra = words
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return _guarded(cmd.run, args)
+
+
+def _guarded(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command; a problem with the user's input becomes one ``error:`` line and exit status 2."""
     try:
-        return cmd.run(args)
-    except (ConfigError, CheckpointError, UsageError, FileNotFoundError, ValueError, KeyError) as e:
+        return run(args)
+    except (ValueError, KeyError, FileNotFoundError) as e:  # ConfigError, CheckpointError, UsageError, ...
         if os.environ.get("ZOO_DEBUG"):
             raise
         print(f"error: {_one_line(e)}", file=sys.stderr)

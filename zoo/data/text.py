@@ -55,7 +55,7 @@ def read_texts(path: str, text_column: str = "text", key: str = "task.path") -> 
             f"task.text_column: column {column!r} is not in {path!r}; its columns are "
             f"{', '.join(ds.column_names)}. Set task.text_column to one of them."
         )
-    return [t for t in ds[column] if t is not None]
+    return [str(t) for t in ds[column] if t is not None]
 
 
 def tokenize_texts(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> np.ndarray:

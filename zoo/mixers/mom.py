@@ -178,14 +178,20 @@ class MoM(RecurrentMixer):
             N = cu.numel() - 1
             seq = torch.repeat_interleave(torch.arange(N, device=dev), cu[1:] - cu[:-1])  # (L,)
             if B != 1 or seq.numel() != L:
-                raise ValueError(f"mom: cu_seqlens needs B == 1 and to end at L={L}; got B={B}, end {int(cu[-1])}.")
+                raise ValueError(
+                    f"mom: cu_seqlens packs sequences into one row ending at L={L}; got B={B} and an end at "
+                    f"{int(cu[-1])}: flatten the batch to B=1 and make cu_seqlens end at L."
+                )
         else:
             N = B
             seq = torch.arange(B, device=dev).repeat_interleave(L)  # (B*L,)
         if state is None:
             state = self.init_state(N, device=dev, dtype=x.dtype)
         elif state["memory"].shape[0] != N:
-            raise ValueError(f"mom: the carried state holds {state['memory'].shape[0]} sequences but the input has {N}.")
+            raise ValueError(
+                f"mom: the carried state holds {state['memory'].shape[0]} sequences but the input has {N}; "
+                "pass the state returned for this same batch (one entry per packed sequence with cu_seqlens)."
+            )
         real = torch.arange(B * L, device=dev) if mask is None else mask.reshape(-1).bool().nonzero()[:, 0]
         xr, seq_r = x.reshape(B * L, D)[real], seq[real]  # (R, D): padded tokens touch no memory
         R = xr.shape[0]

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.kernels.gla import _to_batch, _unpack_index, chunk_gla
+from zoo.kernels.gla import chunk_gla
+from zoo.kernels.gla.packing import packed_index, to_padded_batch
 from zoo.mixers.base import RecurrentMixer, State
 from zoo.nn import rotate_half, seq_index
 from zoo.registry import register_mixer
@@ -124,7 +125,7 @@ class RetNet(RecurrentMixer):
         n = B if cu_seqlens is None else cu_seqlens.numel() - 1
         offset = state["pos"] if state is not None else torch.zeros(n, dtype=torch.long, device=x.device)
         if cu_seqlens is not None:
-            seq, _, _ = _unpack_index(cu_seqlens)
+            seq, _, _ = packed_index(cu_seqlens)
             pos = (seq_index(cu_seqlens, L) + offset[seq])[None]  # (1, L)
             counts = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         elif mask is not None:
@@ -154,9 +155,9 @@ class RetNet(RecurrentMixer):
     def _parallel(self, q, k, v, g, S0, cu_seqlens):
         """``(Q K^T * D) V`` plus the carried-in state's term; packed input runs as a right-padded batch."""
         if cu_seqlens is not None:
-            seq, p, lmax = _unpack_index(cu_seqlens)
+            seq, p, lmax = packed_index(cu_seqlens)
             n = cu_seqlens.numel() - 1
-            o, S = self._parallel(*(_to_batch(t, seq, p, n, lmax) for t in (q, k, v, g)), S0, None)
+            o, S = self._parallel(*(to_padded_batch(t, seq, p, n, lmax) for t in (q, k, v, g)), S0, None)
             return o[seq, p][None], S  # (1, L, H, d_v)
         ct = torch.promote_types(q.dtype, torch.float32)
         q, k, v, G = q.to(ct), k.to(ct), v.to(ct), g.to(ct).cumsum(1)  # G (B, L, H)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,7 +275,8 @@ def train(
     last_ckpt = ckpt
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)
     params = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=tc.steps, initial=step, disable=not tc.progress, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=tc.steps, initial=step, disable=not tc.progress, desc="train", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 30.0)  # a log file gets a line every 30 s
     try:
         with open(out / METRICS, "a") as log:
             while step < end:

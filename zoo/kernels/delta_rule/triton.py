@@ -1,6 +1,7 @@
 """Triton forward and backward of the chunked (gated) delta rule.
 
-One program per (sequence, head) walks the sequence chunk by chunk with the K x V state in registers.
+One program per (sequence, head, block of 32 value columns) walks the sequence chunk by chunk with its
+K x BV slice of the state in registers (value columns of the delta rule evolve independently).
 Per chunk it builds ``A[t, i] = beta_t exp(G_t - G_i) k_t.k_i`` (i < t), inverts ``I + A`` by forward
 substitution, forms ``u = T (beta v)``, ``w = T (beta exp(G) k)``, the corrected values ``u - w S`` and the
 output, then carries the state (see ``chunked.py`` for the maths). The forward saves each chunk's incoming
@@ -16,10 +17,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_chunk(q, k, v, beta, g, t, m, h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _load_chunk(q, k, v, beta, g, t, m, h, rv, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                 HAS_G: tl.constexpr, ACC: tl.constexpr):
     rk = tl.arange(0, K)
-    rv = tl.arange(0, V)
     bq = tl.load(q + (t[:, None] * H + h) * K + rk[None, :], mask=m[:, None], other=0.0).to(ACC)
     bk = tl.load(k + (t[:, None] * H + h) * K + rk[None, :], mask=m[:, None], other=0.0).to(ACC)
     bv = tl.load(v + (t[:, None] * H + h) * V + rv[None, :], mask=m[:, None], other=0.0).to(ACC)
@@ -52,18 +52,19 @@ def _chunk_terms(bk, bb, bg, C: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(q, k, v, beta, g, h0, o, ht, hs, cu, co, scale,
-                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                 HAS_G: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, ACC: tl.constexpr):
     n = tl.program_id(0)
     h = tl.program_id(1)
+    iv = tl.program_id(2)  # value columns evolve independently: each program owns BV of them
     bos = tl.load(cu + n)
     eos = tl.load(cu + n + 1)
     c0 = tl.load(co + n)
     rc = tl.arange(0, C)
     rk = tl.arange(0, K)
-    rv = tl.arange(0, V)
+    rv = iv * BV + tl.arange(0, BV)
     s_off = rk[:, None] * V + rv[None, :]
-    S = tl.zeros((K, V), dtype=ACC)
+    S = tl.zeros((K, BV), dtype=ACC)
     if HAS_H0:
         S = tl.load(h0 + (n * H + h) * K * V + s_off).to(ACC)
     nch = tl.cdiv(eos - bos, C)
@@ -71,7 +72,7 @@ def _fwd_kernel(q, k, v, beta, g, h0, o, ht, hs, cu, co, scale,
     while c < nch:  # a while loop: the interpreter cannot take a runtime bound in range()
         t = bos + c * C + rc
         m = t < eos
-        bq, bk, bv, bb, bg = _load_chunk(q, k, v, beta, g, t, m, h, H, K, V, HAS_G, ACC)
+        bq, bk, bv, bb, bg = _load_chunk(q, k, v, beta, g, t, m, h, rv, H, K, V, HAS_G, ACC)
         tl.store(hs + ((c0 + c) * H + h) * K * V + s_off, S)
         G, Dm, KK, A, Ti, gL = _chunk_terms(bk, bb, bg, C)
         gam = tl.exp(G)
@@ -89,20 +90,26 @@ def _fwd_kernel(q, k, v, beta, g, h0, o, ht, hs, cu, co, scale,
 
 
 @triton.jit
-def _bwd_kernel(q, k, v, beta, g, hs, do, dht, dq, dk, dv, dbeta, dg, dh0, cu, co, scale,
-                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+def _bwd_kernel(q, k, v, beta, g, hs, do, dht, dq, dk, dv, dbeta, dg, dh0, cu, co, scale, n_tok,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                 HAS_G: tl.constexpr, HAS_DHT: tl.constexpr, HAS_H0: tl.constexpr, ACC: tl.constexpr):
     n = tl.program_id(0)
     h = tl.program_id(1)
+    iv = tl.program_id(2)
+    # dq, dk, dbeta, dg are sums over value columns: each V block writes its own partial slice.
+    dq = dq + iv * n_tok * H * K
+    dk = dk + iv * n_tok * H * K
+    dbeta = dbeta + iv * n_tok * H
+    dg = dg + iv * n_tok * H
     bos = tl.load(cu + n)
     eos = tl.load(cu + n + 1)
     c0 = tl.load(co + n)
     rc = tl.arange(0, C)
     rk = tl.arange(0, K)
-    rv = tl.arange(0, V)
+    rv = iv * BV + tl.arange(0, BV)
     s_off = rk[:, None] * V + rv[None, :]
     lt = rc[:, None] > rc[None, :]
-    dS = tl.zeros((K, V), dtype=ACC)
+    dS = tl.zeros((K, BV), dtype=ACC)
     if HAS_DHT:
         dS = tl.load(dht + (n * H + h) * K * V + s_off).to(ACC)
     nch = tl.cdiv(eos - bos, C)
@@ -110,7 +117,7 @@ def _bwd_kernel(q, k, v, beta, g, hs, do, dht, dq, dk, dv, dbeta, dg, dh0, cu, c
     while c >= 0:
         t = bos + c * C + rc
         m = t < eos
-        bq, bk, bv, bb, bg = _load_chunk(q, k, v, beta, g, t, m, h, H, K, V, HAS_G, ACC)
+        bq, bk, bv, bb, bg = _load_chunk(q, k, v, beta, g, t, m, h, rv, H, K, V, HAS_G, ACC)
         S = tl.load(hs + ((c0 + c) * H + h) * K * V + s_off).to(ACC)
         G, Dm, KK, A, Ti, gL = _chunk_terms(bk, bb, bg, C)
         gam = tl.exp(G)
@@ -187,8 +194,9 @@ class _ChunkDeltaRule(torch.autograd.Function):
         hs = torch.empty(n_chunks, H, K, V, dtype=acc_t, device=q.device)  # each chunk's incoming state
         ht = torch.empty(N, H, K, V, dtype=acc_t, device=q.device) if output_final_state else hs
         h0c = h0.contiguous() if h0 is not None else hs
-        _fwd_kernel[(N, H)](
-            q, k, v, beta, gc, h0c, o, ht, hs, cu, co, scale, H=H, K=K, V=V, C=chunk_size,
+        BV = min(V, _BLOCK_V)
+        _fwd_kernel[(N, H, V // BV)](
+            q, k, v, beta, gc, h0c, o, ht, hs, cu, co, scale, H=H, K=K, V=V, BV=BV, C=chunk_size,
             HAS_G=g is not None, HAS_H0=h0 is not None, STORE_HT=output_final_state, ACC=acc,
         )
         ctx.save_for_backward(q, k, v, beta, g, h0, hs, cu, co)
@@ -202,20 +210,30 @@ class _ChunkDeltaRule(torch.autograd.Function):
         V = v.shape[-1]
         N = cu.numel() - 1
 
-        def nan_like(x):
-            return torch.full_like(x, float("nan"))
+        BV = min(V, _BLOCK_V)
+        NV = V // BV
 
-        dq, dk, dv, dbeta = nan_like(q), nan_like(k), nan_like(v), nan_like(beta)
-        dg = nan_like(g) if g is not None else dbeta
-        dh0 = nan_like(h0) if h0 is not None else hs
+        def nan_buffer(*shape, dtype):
+            return torch.full(shape, float("nan"), dtype=dtype, device=q.device)
+
+        acc_t = hs.dtype
+        dq, dk = nan_buffer(NV, B, L, H, K, dtype=acc_t), nan_buffer(NV, B, L, H, K, dtype=acc_t)  # partial per V block
+        dbeta, dg = nan_buffer(NV, B, L, H, dtype=acc_t), nan_buffer(NV, B, L, H, dtype=acc_t)
+        dv = nan_buffer(B, L, H, V, dtype=v.dtype)
+        dh0 = nan_buffer(*h0.shape, dtype=h0.dtype) if h0 is not None else hs
         do = do.contiguous() if do is not None else torch.zeros(B, L, H, V, dtype=q.dtype, device=q.device)
         dhtc = dht.contiguous() if dht is not None else hs
-        _bwd_kernel[(N, H)](
+        _bwd_kernel[(N, H, NV)](
             q, k, v, beta, g if g is not None else beta, hs, do, dhtc, dq, dk, dv, dbeta, dg, dh0, cu, co, ctx.scale,
-            H=H, K=K, V=V, C=ctx.C, HAS_G=g is not None, HAS_DHT=dht is not None, HAS_H0=h0 is not None, ACC=ctx.acc,
+            B * L, H=H, K=K, V=V, BV=BV, C=ctx.C, HAS_G=g is not None, HAS_DHT=dht is not None,
+            HAS_H0=h0 is not None, ACC=ctx.acc,
         )
-        return (dq, dk, dv, dbeta, dg if g is not None else None, dh0 if h0 is not None else None,
-                None, None, None, None)
+        dq, dk, dbeta = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dbeta.sum(0).to(beta.dtype)
+        dg = dg.sum(0).to(g.dtype) if g is not None else None
+        return dq, dk, dv, dbeta, dg, (dh0 if h0 is not None else None), None, None, None, None
+
+
+_BLOCK_V = 32  # value columns per program (the recurrence never mixes value columns)
 
 
 def _pow2(x: int) -> bool:

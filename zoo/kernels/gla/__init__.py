@@ -14,6 +14,7 @@ import torch
 
 from zoo.kernels._dispatch import resolve_backend
 from zoo.kernels.gla.chunked import gla_chunked
+from zoo.kernels.gla.packing import packed_index, to_padded_batch
 
 __all__ = ["chunk_gla"]
 
@@ -47,20 +48,6 @@ def _check(q, k, v, g, initial_state, cu_seqlens, chunk_size) -> None:
         )
 
 
-def _unpack_index(cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """For packed tokens: which sequence each belongs to, its position there, and the longest length."""
-    cu = cu_seqlens.long()
-    lens = cu[1:] - cu[:-1]
-    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=cu.device), lens)
-    pos = torch.arange(int(cu[-1]), device=cu.device) - cu[:-1][seq]
-    return seq, pos, int(lens.max()) if lens.numel() else 0
-
-
-def _to_batch(x: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, n: int, lmax: int) -> torch.Tensor:
-    out = x.new_zeros(n, lmax, *x.shape[2:])
-    return out.index_put((seq, pos), x[0])  # (N, Lmax, ...)
-
-
 def chunk_gla(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -78,18 +65,17 @@ def chunk_gla(
 
     q, k ``(B, L, H, K)``, v ``(B, L, H, V)``, g log-decay (<= 0) ``(B, L, H)`` or ``(B, L, H, K)``;
     ``scale`` defaults to ``K ** -0.5``; initial_state ``(B, H, K, V)`` (``(N, H, K, V)`` with ``cu_seqlens``).
-    Returns o ``(B, L, H, V)`` in v's dtype and the final state (float32, or None unless asked).
+    Returns o ``(B, L, H, V)`` in v's dtype and the final state (float32, float64 for float64 inputs;
+    None unless ``output_final_state``).
     """
     _check(q, k, v, g, initial_state, cu_seqlens, chunk_size)
     backend = resolve_backend(backend, q, op="chunk_gla")
-    if backend == "cuda":
-        raise RuntimeError("chunk_gla: there is no 'cuda' backend; use backend='triton' or 'torch'.")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     packed = cu_seqlens is not None
     if packed:
-        seq, pos, lmax = _unpack_index(cu_seqlens)
+        seq, pos, lmax = packed_index(cu_seqlens)
         n = cu_seqlens.numel() - 1
-        q, k, v, g = (_to_batch(t, seq, pos, n, lmax) for t in (q, k, v, g))
+        q, k, v, g = (to_padded_batch(t, seq, pos, n, lmax) for t in (q, k, v, g))
     if q.shape[1] == 0:  # nothing to scan: the state passes through
         B, _, H, K = q.shape
         o = v.new_zeros(v.shape)

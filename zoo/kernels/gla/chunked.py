@@ -31,7 +31,7 @@ def _intra_scalar(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor) -> torch.Te
 
 
 def _intra_per_key(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """Same scores with per-key-dim decay, G ``(..., C, K)``, computed with sub-chunks (see module doc)."""
+    """Same scores with per-key-dim decay, G ``(..., C, K)``: factored when safe, else by sub-chunks (module doc)."""
     C, K = G.shape[-2:]
     if float((G.amax(-2) - G.amin(-2)).max().detach()) <= SAFE_SPAN:  # factor through the chunk's first step
         G0 = G[..., :1, :]

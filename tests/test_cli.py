@@ -191,3 +191,24 @@ def test_task_names_resolve_to_configs_tasks():
 
     assert _task_path("mqar").endswith("configs/tasks/mqar.yaml")
     assert _task_path("no/such.yaml") == "no/such.yaml"
+
+
+def test_help_lists_every_command(capsys):
+    assert main([]) == 2
+    text = capsys.readouterr().out
+    for name in ("list", "train", "eval", "generate", "convert", "finetune", "sweep"):
+        assert f"    {name}" in text
+
+
+def test_zoo_convert_bad_source_is_one_line(tmp_path, capsys):
+    assert main(["convert", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "config.json" in _error_line(capsys)
+
+
+def test_zoo_eval_perplexity_on_a_local_file(trained, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("abc\n")
+    # the tiny model's vocab (32) cannot hold the byte tokenizer: a one-line error, not a traceback
+    code = main(["eval", str(trained), "--perplexity", str(text), "--no-progress"])
+    out = capsys.readouterr()
+    assert code == 2 and "Traceback" not in out.err + out.out

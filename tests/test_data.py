@@ -76,13 +76,12 @@ def test_mqar_seeded_determinism():
     assert not torch.equal(a.input_ids, c.input_ids)
 
 
-def test_mqar_100k_examples_generate_quickly():
-    import time
-
-    t = time.perf_counter()
+def test_mqar_zoology_size_generates_in_chunks():
+    # 100k examples (Zoology's train size) span several generation chunks; all rows stay valid.
     d = multiquery_ar(100_000, vocab_size=8192, seq_len=64, num_kv_pairs=4, seed=0)
     assert len(d) == 100_000
-    assert time.perf_counter() - t < 20
+    assert ((d.labels != IGNORE_INDEX).sum(1) == 4).all()
+    assert not torch.equal(d.input_ids[:10], d.input_ids[16384:16394])
 
 
 @pytest.mark.parametrize(

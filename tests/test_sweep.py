@@ -52,6 +52,15 @@ def test_tiny_grid_writes_csv_and_both_plots(tmp_path, monkeypatch):
     monkeypatch.setattr(sw, "run_one", lambda run: pytest.fail("finished runs must not be trained again"))
     sw.run_sweep_config(sweep, progress=False)
     assert "attention" in sw.summary(sw.read_rows(paths["csv"]))
+    wider = sw.load_sweep(tiny_sweep(tmp_path, ["attention", rec], widths=[16, 32, 64]))
+    sw.run_sweep_config(wider, progress=False, plots_only=True)  # redraws from the CSV, trains nothing
+    assert len(sw.read_rows(paths["csv"])) == 8
+
+
+def test_plots_only_without_results_fails(tmp_path):
+    sweep = sw.load_sweep(tiny_sweep(tmp_path, ["attention"]))
+    with pytest.raises(sw.SweepError, match="holds no finished run.*without --plots-only"):
+        sw.run_sweep_config(sweep, progress=False, plots_only=True)
 
 
 def test_mark_best_picks_the_highest_accuracy_per_cell():

@@ -213,8 +213,11 @@ def run_one(run: dict) -> dict:
 
 
 def run_sweep_config(sweep: Sweep, out: str | Path | None = None, *, restart: bool = False,
-                     progress: bool = True) -> dict[str, Path]:
-    """Run every missing run of ``sweep``, then write the CSV and both plots; returns their paths."""
+                     progress: bool = True, plots_only: bool = False) -> dict[str, Path]:
+    """Run every missing run of ``sweep``, then write the CSV, both plots and a report; returns their paths.
+
+    ``plots_only``: train nothing; redraw from the finished runs already in the CSV.
+    """
     import zoo
 
     out = Path(out or sweep.sweep.out)
@@ -229,19 +232,23 @@ def run_sweep_config(sweep: Sweep, out: str | Path | None = None, *, restart: bo
                 f"{run['mixer']} to fix it for this width)"
             ) from None
     wanted = {_key(r): config_hash(r["config"]) for r in runs}
-    rows = [] if restart else [r for r in read_rows(csv_path) if wanted.get(_key(r)) == r["config_hash"]]
+    existing = [] if restart else read_rows(csv_path)
+    rows = [r for r in existing if wanted.get(_key(r)) == r["config_hash"]]
+    others = [r for r in existing if _key(r) not in wanted]  # other runs in the same CSV are kept, not plotted
     done = {_key(r) for r in rows}
-    todo = [r for r in runs if _key(r) not in done]
+    todo = [] if plots_only else [r for r in runs if _key(r) not in done]
+    if not rows and not todo:
+        raise SweepError(f"{csv_path} holds no finished run of this sweep; run it without --plots-only first.")
     bar = tqdm(todo, desc=f"sweep {sweep.sweep.name}", disable=not progress, dynamic_ncols=True)
     for run in bar:
         bar.set_postfix_str(f"{run['mixer']} d={run['d_model']} L={run['seq_len']} kv={run['num_kv_pairs']} lr={run['lr']:.1e}")
         row = run_one(run)
         rows.append(row)
-        write_rows(csv_path, mark_best(rows))
+        write_rows(csv_path, mark_best(rows + others))
         bar.write(f"{row['mixer']:>10} d={row['d_model']:<4} L={row['seq_len']:<4} kv={row['num_kv_pairs']:<3} "
                   f"lr={row['lr']:.1e}  acc={row['accuracy']:.3f}  ({row['seconds']:.0f}s)")
-    rows = mark_best(rows)
-    write_rows(csv_path, rows)
+    write_rows(csv_path, mark_best(rows + others))
+    rows = mark_best([dict(r) for r in rows])  # best over this sweep's learning rates only
     paths = {"csv": csv_path, "width_png": out / f"{sweep.sweep.name}-width.png",
              "state_png": out / f"{sweep.sweep.name}-state.png"}
     plot_width(rows, paths["width_png"], title=sweep.sweep.name)
@@ -371,6 +378,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output folder (default: sweep.out of the YAML)")
     p.add_argument("--restart", action="store_true", help="ignore finished runs in the CSV and run everything again")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--plots-only", action="store_true", help="train nothing: redraw the plots and report from the CSV")
 
 
 def run_sweep(args: argparse.Namespace) -> int:
@@ -379,7 +387,8 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     try:
         sweep = load_sweep(args.config, args.overrides)
-        paths = run_sweep_config(sweep, args.out, restart=args.restart, progress=not args.no_progress)
+        paths = run_sweep_config(sweep, args.out, restart=args.restart, progress=not args.no_progress,
+                                 plots_only=args.plots_only)
     except (SweepError, zoo.ConfigError) as e:
         print(f"error: {e}")
         return 2

@@ -133,6 +133,13 @@ def kernel_backends() -> dict[str, list[str]]:
         if pkg:
             backends.append(f"cuda ({pkg.group(1)})")
         out[fn] = backends
+    for fn, module in K._EXPORTS.items():  # a thin wrapper of another kernel (ssd -> chunk_gla) has its backends
+        if out.get(fn) != ["torch"]:
+            continue
+        src = Path(importlib.import_module(module).__file__).read_text()
+        for dep in re.findall(r"from zoo\.kernels\.\w+ import (\w+)", src):
+            if dep in out and dep != fn and out[dep] != ["torch"]:
+                out[fn] = [b if b == "torch" else f"{b} (via {dep})" for b in out[dep]]
     return out
 
 
@@ -187,7 +194,7 @@ def describe(name: str, backends: dict[str, list[str]], math: str) -> tuple[str,
     info = {
         "causal": bool(mixer.causal), "decode": check_decode(model) if mixer.causal else False,
         "packing": check_packing(model), "kernels": used,
-        "triton": bool(used) and all("triton" in backends.get(k, []) for k in used),
+        "triton": bool(used) and all(any(b.startswith("triton") for b in backends.get(k, [])) for k in used),
         "cuda": sorted({b for k in used for b in backends.get(k, []) if b.startswith("cuda")}),
         "lora": _lora_targets(model),
     }

@@ -321,7 +321,12 @@ def _panels(rows: list[dict], xkey: str, xlabel: str, path: Path, title: str, lo
             pts = sorted((r[xkey], r["accuracy"]) for r in best if r["mixer"] == m and (r["seq_len"], r["num_kv_pairs"]) == (L, kv))
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-        if logx:
+        if xkey == "d_model":  # widths are powers of two: label each one
+            widths = sorted({r["d_model"] for r in best})
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(widths, [str(w) for w in widths])
+            ax.minorticks_off()
+        elif logx:
             ax.set_xscale("log")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"L={L}, kv pairs={kv}")
@@ -331,7 +336,7 @@ def _panels(rows: list[dict], xkey: str, xlabel: str, path: Path, title: str, lo
         ax.grid(alpha=0.3)
     if mixers:
         fig.axes[-1].legend(fontsize=8, loc="best")
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.04)
     _save_figure(fig, path)
 
 

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/zoo train configs/attention.yaml configs/tasks/mqar.yaml --out runs/demo
+	$(VENV)/bin/zoo train configs/attention.yaml configs/tasks/mqar.yaml --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(VPY) -m pytest -x -q -p no:cacheprovider tests

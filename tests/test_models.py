@@ -163,3 +163,13 @@ def test_sliding_window_block_prefill_matches_dense_reference(padded):
         ref = attn.o_proj(ref.transpose(1, 2).reshape(2, 23, 32))
     rows = slice(6, None) if padded else slice(None)
     torch.testing.assert_close(out[:, rows], ref[:, rows], rtol=1e-4, atol=1e-5)
+
+
+def test_auto_tokenizer_loads_the_byte_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from zoo.data.tokenizer import ByteTokenizer
+
+    ByteTokenizer().save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert isinstance(tok, ByteTokenizer) and tok.decode(tok("héllo")["input_ids"]) == "héllo"

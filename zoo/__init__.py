@@ -8,6 +8,18 @@ from zoo.config import ConfigError, RunConfig, build_model, load_config
 from zoo.models import ZooConfig, ZooForCausalLM, ZooForSequenceClassification, ZooModel
 from zoo.registry import get_mixer, list_mixers, register_mixer
 
+
+def _register_tokenizer() -> None:
+    # AutoTokenizer finds the built-in byte tokenizer by the class name saved in tokenizer_config.json.
+    from transformers import AutoTokenizer
+
+    from zoo.data.tokenizer import ByteTokenizer
+
+    AutoTokenizer.register(ZooConfig, slow_tokenizer_class=ByteTokenizer, exist_ok=True)
+
+
+_register_tokenizer()
+
 __version__ = "0.1.0"
 
 __all__ = [

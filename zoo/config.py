@@ -193,7 +193,8 @@ def validate_dataclass(cls, data: dict | None, path: str):
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{path}: {e}") from None
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(f"{path}.") else f"{path}: {msg}") from None
 
 
 # ----- the model section ---------------------------------------------------------------------------

@@ -147,3 +147,14 @@ def test_passkey_evaluation_runs_with_chunked_prefill():
     rows = evaluate_passkey(model, ByteTokenizer(), [200, 300], n_per_length=2, prefill_chunk_size=64, progress=False)
     assert [r["length"] for r in rows] == [200, 300]
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+
+
+def test_zoo_eval_passkey_over_lengths(tmp_path, capsys):
+    from zoo.cli import main
+
+    cfg = ZooConfig(vocab_size=260, d_model=32, n_layers=2, pattern=["attention"], mixers={"attention": {"n_heads": 4}})
+    ZooForCausalLM(cfg).save_pretrained(tmp_path / "ckpt")
+    assert main(["eval", str(tmp_path / "ckpt"), "--passkey", "200,260", "--passkey-n", "1", "--prefill-chunk", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "passkey L=   200" in out and "passkey L=   260" in out
+    assert main(["eval", str(tmp_path / "ckpt"), "--passkey", "abc"]) == 2

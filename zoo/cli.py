@@ -159,6 +159,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     arg("checkpoint", help="a checkpoint directory, or a run directory (its latest checkpoint is used)"),
     arg("--task", action="append", default=[], metavar="TASK_YAML", help="evaluate on this task instead"),
     arg("--json", action="store_true", help="print the result as one JSON object"),
+    arg("--passkey", metavar="LENGTHS", help="passkey retrieval accuracy at these prompt lengths, e.g. 1024,4096,32768"),
+    arg("--passkey-n", type=int, default=5, help="passkey examples per length (depths spread over the prompt)"),
+    arg("--prefill-chunk", type=int, default=2048, help="feed long prompts through the cache in chunks of this size"),
     overrides=True,
 )
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -170,6 +173,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from zoo.evaluation import run_lm_eval_args
 
         return run_lm_eval_args(args)
+    if args.passkey:
+        return _eval_passkey(args)
     import zoo
     from zoo.data import build_task
     from zoo.train.checkpoint import load_run_config, quiet_hf_progress, resolve_checkpoint
@@ -193,6 +198,57 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(f"{ckpt}: task {res['task']}  eval loss {res['loss']:.4f}  accuracy {res['accuracy']:.4f}  "
               f"({res['examples']} examples)")
+    return 0
+
+
+def _eval_passkey(args: argparse.Namespace) -> int:
+    """Passkey retrieval over prompt lengths (chunked prefill), one line per length."""
+    import zoo
+    from zoo.data.passkey import evaluate_passkey
+    from zoo.data.tokenizer import load_tokenizer
+    from zoo.train.checkpoint import quiet_hf_progress, resolve_checkpoint
+    from zoo.train.loop import resolve_device
+
+    try:
+        lengths = [int(x) for x in args.passkey.replace(",", " ").split()]
+    except ValueError:
+        raise UsageError(f"--passkey {args.passkey!r}: expected lengths such as 1024,4096,32768.") from None
+    ckpt = resolve_checkpoint(args.checkpoint)
+    with quiet_hf_progress():
+        model = zoo.ZooForCausalLM.from_pretrained(ckpt).eval()
+    tok = load_tokenizer(str(ckpt) if (ckpt / "tokenizer_config.json").is_file() else "byte")
+    if len(tok) > model.config.vocab_size:
+        raise UsageError(f"{ckpt} has vocab_size {model.config.vocab_size} < {len(tok)} tokens of its tokenizer; "
+                         "passkey retrieval needs a text model.")
+    model.to(resolve_device("auto"))
+    rows = evaluate_passkey(model, tok, lengths, n_per_length=args.passkey_n, prefill_chunk_size=args.prefill_chunk)
+    for row in rows:
+        print(json.dumps({"checkpoint": str(ckpt), "task": "passkey", **row}) if args.json
+              else f"passkey L={row['length']:>6}: accuracy {row['accuracy']:.2f} ({row['n']} prompts)")
+    return 0
+
+
+# ----- zoo bench -------------------------------------------------------------------------------------
+
+@command(
+    "bench",
+    "run a benchmark script from scripts/ (appends to docs/benchmarks.md): zoo bench NAME [script args]",
+    arg("name", help="hybrid, linear_scan, gla, delta_rule or mamba_cpu (scripts/bench_<name>.py)"),
+    arg("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script"),
+)
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run ``scripts/bench_<name>.py`` of this checkout with the given arguments."""
+    import runpy
+
+    from zoo.config import CONFIG_DIR
+
+    scripts = CONFIG_DIR.parent / "scripts"
+    path = scripts / f"bench_{args.name}.py"
+    if not path.is_file():
+        names = sorted(p.stem[len("bench_"):] for p in scripts.glob("bench_*.py"))
+        raise UsageError(f"no benchmark {args.name!r}; choose one of {', '.join(names) or '(none: run from a source checkout)'}.")
+    sys.argv = [str(path), *args.script_args]
+    runpy.run_path(str(path), run_name="__main__")
     return 0
 
 

@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q "$(TORCH)"
-	$(VPY) -m pip install -q -e ".[dev,peft]"
+	$(VPY) -m pip install -q -e ".[dev,peft,eval]"
 	touch $(STAMP)
 
 install: $(STAMP)

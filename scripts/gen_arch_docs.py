@@ -27,7 +27,6 @@ sys.path.insert(0, str(ROOT))
 
 import zoo  # noqa: E402
 from zoo.config import mixer_schema  # noqa: E402
-from zoo.sweep import mixer_state_size  # noqa: E402
 
 #: Paper of each architecture (title, authors and year, arXiv id).
 PAPERS = {
@@ -205,7 +204,7 @@ def describe(name: str, backends: dict[str, list[str]], math: str) -> tuple[str,
     sizes = []
     for d in WIDTHS:
         m = tiny_model(name, d).model.layers[0].mixer
-        sizes.append((d, mixer_state_size(m, T_REF), m))
+        sizes.append((d, m.state_size(T_REF), m))
     formula, check = FORMULAS.get(name, (None, None))
     ok = False
     if check is not None:

@@ -46,7 +46,7 @@ def test_mixer_is_documented_and_reports_state_size(name):
     cls = zoo.get_mixer(name)
     assert cls.__doc__, f"{name} needs a docstring"
     mixer = cls(D, **small_kwargs(name))
-    size = mixer.state_size()
+    size = mixer.state_size(16)
     assert isinstance(size, int) and size > 0
 
 

@@ -129,15 +129,7 @@ def config_hash(config: dict) -> str:
 
 def model_state_size(model: torch.nn.Module, seq_len: int) -> int:
     """Recurrent state (floats per sequence) summed over layers; attention counts its KV cache at ``seq_len``."""
-    return int(sum(mixer_state_size(block.mixer, seq_len) for block in model.model.layers))
-
-
-def mixer_state_size(mixer: torch.nn.Module, seq_len: int) -> int:
-    """``mixer.state_size()``; mixers whose state grows with the prefix (attention) are asked at ``seq_len``."""
-    import inspect
-
-    params = [p for p in inspect.signature(mixer.state_size).parameters.values() if p.kind != p.VAR_KEYWORD]
-    return int(mixer.state_size(seq_len) if params else mixer.state_size())
+    return int(sum(block.mixer.state_size(seq_len) for block in model.model.layers))
 
 
 # ----- running -----------------------------------------------------------------------------------------

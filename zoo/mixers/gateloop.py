@@ -80,5 +80,5 @@ class GateLoop(RecurrentMixer):
         dtype = torch.promote_types(dtype or torch.float32, torch.float32)
         return {"S": torch.zeros(batch_size, self._channels, 2, device=device, dtype=dtype)}
 
-    def state_size(self) -> int:
+    def state_size(self, seq_len: int | None = None) -> int:
         return 2 * self._channels

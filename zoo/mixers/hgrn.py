@@ -141,5 +141,5 @@ class HGRN(RecurrentMixer):
         shape = (batch_size, self.width, 2) if self.complex else (batch_size, self.width)
         return {"h": torch.zeros(shape, device=device, dtype=dtype)}
 
-    def state_size(self) -> int:
+    def state_size(self, seq_len: int | None = None) -> int:
         return self.width * (2 if self.complex else 1)

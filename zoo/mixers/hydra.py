@@ -151,6 +151,6 @@ class Hydra(Mixer):
         y, z = self.mix(x, mask, cu_seqlens)
         return self.out_proj(self.norm(y.to(x.dtype), z))
 
-    def state_size(self) -> int:
+    def state_size(self, seq_len: int | None = None) -> int:
         """Floats in the two SSD states (forward and backward) that summarise a sequence; there is no decoding state."""
         return 2 * self.nheads * self.headdim * self.d_state

@@ -168,5 +168,5 @@ class Mamba(RecurrentMixer):
             "ssm": torch.zeros(batch_size, E, self.d_state, device=device, dtype=ssm_dtype),
         }
 
-    def state_size(self) -> int:
+    def state_size(self, seq_len: int | None = None) -> int:
         return self.d_inner * (self.d_conv - 1 + self.d_state)

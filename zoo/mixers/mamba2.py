@@ -175,5 +175,5 @@ class Mamba2(RecurrentMixer):
                                dtype=torch.promote_types(dtype or torch.float32, torch.float32)),
         }
 
-    def state_size(self) -> int:
+    def state_size(self, seq_len: int | None = None) -> int:
         return self.conv_dim * (self.d_conv - 1) + self.nheads * self.headdim * self.d_state

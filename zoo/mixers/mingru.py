@@ -68,7 +68,7 @@ class _MinRNN(RecurrentMixer):
         dtype = torch.promote_types(dtype or torch.float32, torch.float32)
         return {"h": torch.zeros(batch_size, self.d_inner, device=device, dtype=dtype)}
 
-    def state_size(self) -> int:
+    def state_size(self, seq_len: int | None = None) -> int:
         return self.d_inner
 
 

@@ -165,7 +165,7 @@ class MoM(RecurrentMixer):
             "conv_q": torch.zeros(batch_size, inner, W1, device=device, dtype=dtype),
         }
 
-    def state_size(self) -> int:
+    def state_size(self, seq_len: int | None = None) -> int:
         inner, W1 = self.n_heads * self.head_dim, self.conv_size - 1
         return self.n_slots * (self.n_heads * self.head_dim**2 + 2 * inner * W1) + inner * W1
 

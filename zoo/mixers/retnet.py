@@ -109,7 +109,7 @@ class RetNet(RecurrentMixer):
             "pos": torch.zeros(batch_size, dtype=torch.long, device=device),
         }
 
-    def state_size(self) -> int:
+    def state_size(self, seq_len: int | None = None) -> int:
         return self.n_heads * self.head_k * self.head_v
 
     def scan(

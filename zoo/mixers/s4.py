@@ -367,6 +367,6 @@ class S4(RecurrentMixer):
         rt = torch.promote_types(dtype or torch.float32, torch.float32)
         return {"x": torch.zeros(batch_size, self.d_model, self.d_state // 2, dtype=_complex_of(rt), device=device)}
 
-    def state_size(self) -> int:
+    def state_size(self, seq_len: int | None = None) -> int:
         """Floats of SSM state per sequence (N/2 complex modes per channel; a bidirectional layer has two)."""
         return self.d_model * self.d_state * (1 if self.causal else 2)

@@ -89,8 +89,6 @@ def test_zoo_lm_loglikelihood_and_rolling_equal_direct_scores(tmp_path, kind):
     from zoo.evaluation import ZooLM
 
     rec = recurrent_mixer()
-    if kind == "hybrid" and rec is None:
-        pytest.skip("no recurrent mixer (mamba, hgrn, mingru) is registered yet")
     pattern = ["attention"] if kind == "attention" else [rec, "attention"]
     model, tok = load_for_eval(save_checkpoint(tmp_path / "ckpt", pattern))
     lm = ZooLM(model, tok, batch_size=2, max_length=64, progress=False)

@@ -122,8 +122,7 @@ def main() -> None:
         path=Path(args.results),
         notes=(
             f"{str(dtype).removeprefix('torch.')}; a in [0.5, 1), b in [0.1, 1.1) (positive, for the log-space scan); "
-            f"median of {args.repeats} after 1 warm-up; all shapes measured (none extrapolated); "
-            "shared 2-core machine, other jobs running."
+            f"median of {args.repeats} after 1 warm-up; all shapes measured (none extrapolated)."
         ),
     )
     if not args.skip_lm and device.type == "cpu":
@@ -136,7 +135,7 @@ def main() -> None:
             path=Path(args.results),
             notes=(
                 f"forward + backward + AdamW step, float32, median of {args.repeats} after 1 warm-up; "
-                "`sequential loop` swaps reference.py in for linear_scan inside the mixers; shared 2-core machine."
+                "`sequential loop` swaps reference.py in for linear_scan inside the mixers."
             ),
         )
 

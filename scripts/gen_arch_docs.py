@@ -178,7 +178,7 @@ def check_packing(model) -> bool:
     a, b = torch.randint(0, 50, (1, 7)), torch.randint(0, 50, (1, 5))
     try:
         out = model(torch.cat([a, b], 1), cu_seqlens=torch.tensor([0, 7, 12], dtype=torch.int32)).logits
-    except (ValueError, RuntimeError, NotImplementedError):
+    except (ValueError, RuntimeError):
         return False
     return torch.allclose(out[:, :7], model(a).logits, rtol=1e-3, atol=1e-4) and torch.allclose(
         out[:, 7:], model(b).logits, rtol=1e-3, atol=1e-4)

@@ -281,7 +281,34 @@ def support_page(infos: dict[str, dict], backends: dict[str, list[str]]) -> str:
     lines += [f"| `zoo.kernels.{k}` | {', '.join(v)} |" for k, v in sorted(backends.items())]
     lines += ["", "Fine-tuning (`zoo finetune`) works for every mixer; `--pack` needs packing support, "
               "generation (`generate()`, lm-eval `generate_until`) needs decode support.", ""]
+    lines += versions_section()
     return "\n".join(lines)
+
+
+def _compat_pins() -> dict[str, str]:
+    """The oldest supported versions: the ``COMPAT_PINS`` that ``make test-compat`` installs."""
+    text = (ROOT / "Makefile").read_text()
+    m = re.search(r"^COMPAT_PINS\s*\?=\s*(.+)$", text, re.M)
+    return dict(pin.split("==") for pin in m.group(1).split()) if m else {}
+
+
+def versions_section() -> list[str]:
+    """Which versions the tests run on: the newest pip resolves (``make test``) and the oldest (``make test-compat``)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from versions import versions
+
+    have, oldest = versions(), _compat_pins()
+    deps = re.findall(r'^\s*"((?:torch|triton|transformers)[^";]*)', (ROOT / "pyproject.toml").read_text(), re.M)
+    lines = ["## Versions tested", "",
+             f"Declared range (pyproject.toml): {', '.join(f'`{d}`' for d in deps)}. CI runs `make test` on the newest "
+             "releases pip resolves that day (no pins but torch's CPU build), so an upstream change shows as a red CI, "
+             "and `make test-compat` runs the generation, cache, packing, fresh-loading and kernel tests on the oldest "
+             "supported versions. torch is tested at 2.13 only (the CPU build these machines install).", "",
+             "| package | newest tested (`make test`, this page's generation) | oldest tested (`make test-compat`) |",
+             "|---|---|---|"]
+    for name in ("torch", "triton", "transformers", "datasets", "numpy"):
+        lines.append(f"| {name} | {have.get(name, '-')} | {oldest.get(name, have.get(name, '-'))} |")
+    return lines + [""]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,11 @@ One program per (sequence, block of channels) walks through time and keeps the s
 (float32, or float64 for float64 inputs). Complex tensors are read as interleaved (real, imag) pairs.
 The backward pass walks the other way: ``g_t = dy_t + conj(a_next) g_next``, ``da_t = g_t conj(h_prev)``,
 ``db_t = g_t`` and ``dh0 = conj(a_first) g_first``, matching torch autograd's complex convention.
+
+Portability (Triton 3.6 to 3.9, compiled and interpreted): time loops are ``while`` loops over a runtime
+length (Triton 3.6's interpreter cannot take ``range()`` of a runtime bound under NumPy 2.4), the length is
+never specialised (``do_not_specialize``), so one compile serves every sequence length; every mask is a
+comparison of block tensors (a broadcast scalar bool is not a valid mask in Triton 3.9's interpreter).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ def _bounds(CU, i_n, L, VARLEN: tl.constexpr):
     return bos, T
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L"])
 def _scan_fwd_kernel(
     A, X, H0, H, HL, CU, L, D,
     HAS_H0: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr, COMPLEX: tl.constexpr,
@@ -66,7 +71,7 @@ def _scan_fwd_kernel(
         tl.store(HL + s_off + 1, hi.to(HL.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L"])
 def _scan_bwd_kernel(
     A, H, H0, DH, DHL, DA, DX, DH0, CU, L, D,
     HAS_H0: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr, COMPLEX: tl.constexpr,
@@ -98,14 +103,15 @@ def _scan_bwd_kernel(
         tp = t + 1 if REVERSE else t - 1
         off = (t * D + d) * W
         p_off = (tp * D + d) * W
-        not_first = t != first
+        not_first = tl.full([BLOCK_D], t, tl.int64) != first  # a block, not a broadcast scalar bool
+        mp = m & not_first
         gr = tl.load(DH + off, mask=m, other=0).to(ACC) + cr
-        pr = tl.where(not_first, tl.load(H + p_off, mask=m & not_first, other=0).to(ACC), h0r)
+        pr = tl.where(not_first, tl.load(H + p_off, mask=mp, other=0).to(ACC), h0r)
         ar = tl.load(A + off, mask=m, other=0).to(ACC)
         tl.store(DX + off, gr.to(DX.dtype.element_ty), mask=m)
         if COMPLEX:
             gi = tl.load(DH + off + 1, mask=m, other=0).to(ACC) + ci
-            pi = tl.where(not_first, tl.load(H + p_off + 1, mask=m & not_first, other=0).to(ACC), h0i)
+            pi = tl.where(not_first, tl.load(H + p_off + 1, mask=mp, other=0).to(ACC), h0i)
             ai = tl.load(A + off + 1, mask=m, other=0).to(ACC)
             tl.store(DX + off + 1, gi.to(DX.dtype.element_ty), mask=m)
             tl.store(DA + off, (gr * pr + gi * pi).to(DA.dtype.element_ty), mask=m)

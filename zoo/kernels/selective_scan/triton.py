@@ -5,9 +5,12 @@ walks the sequence, so no ``(B, E, L, N)`` tensor is written. The forward also s
 chunk start (``(B, L/CHUNK, E, N)``). The backward walks the chunks in reverse: it recomputes one chunk's
 states from its stored start into a chunk-sized scratch buffer, then runs the reverse recurrence
 ``g_t = C_t dy_t + a_{t+1} g_{t+1}`` and emits du, ddelta, dA, dB, dC, dD, dz, ddelta_bias and dh0.
-Softplus, delta_bias, D and the silu(z) gate are fused in. The number of chunks is a compile-time constant
-(Triton's CPU interpreter cannot loop to a runtime bound with numpy >= 2.4), so each ``ceil(L / CHUNK)``
-compiles once.
+Softplus, delta_bias, D and the silu(z) gate are fused in.
+
+Portability (Triton 3.6 to 3.9, compiled and interpreted): the chunk and time loops are ``while`` loops over
+runtime bounds (Triton 3.6's interpreter cannot take ``range()`` of a runtime bound under NumPy 2.4) and the
+length and its strides are not specialised, so one compile serves every sequence length; masks are
+comparisons of block tensors (a broadcast scalar bool is not a valid mask in Triton 3.9's interpreter).
 """
 
 from __future__ import annotations
@@ -28,35 +31,32 @@ def _softplus(x):
 def _load_step(u_ptr, delta_ptr, bias, B_ptr, C_ptr, keep_ptr, A, row, bc_row, t, L, offs_e, mask_e, offs_n, mask2,
                sBn, sBl, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_KEEP: tl.constexpr,
                ACC: tl.constexpr):
-    """Load step ``t`` of a channel block: u, dt, decay a, B_t, C_t and the pre-softplus delta."""
-    valid = t < L
-    me = mask_e & valid
-    uv = tl.load(u_ptr + row + offs_e * L + t, mask=me, other=0.0).to(ACC)
-    raw = tl.load(delta_ptr + row + offs_e * L + t, mask=me, other=0.0).to(ACC)
+    """Load step ``t < L`` of a channel block: u, dt, decay a, B_t, C_t and the pre-softplus delta."""
+    uv = tl.load(u_ptr + row + offs_e * L + t, mask=mask_e, other=0.0).to(ACC)
+    raw = tl.load(delta_ptr + row + offs_e * L + t, mask=mask_e, other=0.0).to(ACC)
     if HAS_BIAS:
         raw = raw + bias
     dt = raw
     if SOFTPLUS:
         dt = _softplus(raw)
-    dt = tl.where(me, dt, 0.0)
-    m2 = mask2 & valid
+    dt = tl.where(mask_e, dt, 0.0)
     bc = bc_row[:, None] + offs_n[None, :] * sBn + t * sBl
-    Bt = tl.load(B_ptr + bc, mask=m2, other=0.0).to(ACC)
-    Ct = tl.load(C_ptr + bc, mask=m2, other=0.0).to(ACC)
+    Bt = tl.load(B_ptr + bc, mask=mask2, other=0.0).to(ACC)
+    Ct = tl.load(C_ptr + bc, mask=mask2, other=0.0).to(ACC)
     a = tl.exp(dt[:, None] * A)
     if HAS_KEEP:
-        a = a * tl.load(keep_ptr + t, mask=valid, other=1.0).to(ACC)
+        a = a * tl.load(keep_ptr + t).to(ACC)
     return uv, raw, dt, a, Bt, Ct
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "sBb", "sBg", "sBn"])
 def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, keep_ptr,
                 out_ptr, hchunk_ptr, hlast_ptr,
                 E, N, L, Eg, sBb, sBg, sBn, sBl,
-                n_chunks: tl.constexpr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+                CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                 HAS_H0: tl.constexpr, HAS_KEEP: tl.constexpr, ACC: tl.constexpr):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)
     pid_e = tl.program_id(1)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_n = tl.arange(0, BLOCK_N)
@@ -75,32 +75,36 @@ def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h
     h = tl.zeros([BLOCK_E, BLOCK_N], dtype=ACC)
     if HAS_H0:
         h = tl.load(h0_ptr + pid_b * E * N + en, mask=mask2, other=0.0).to(ACC)
-    for c in range(n_chunks):
+    n_chunks = tl.cdiv(L, CHUNK)
+    c = 0
+    while c < n_chunks:
         tl.store(hchunk_ptr + (pid_b * n_chunks + c) * E * N + en, h, mask=mask2)
-        for i in range(CHUNK):
-            t = c * CHUNK + i
+        t = c * CHUNK
+        t_end = tl.minimum(t + CHUNK, L)
+        while t < t_end:
             uv, raw, dt, a, Bt, Ct = _load_step(u_ptr, delta_ptr, bias, B_ptr, C_ptr, keep_ptr, A, row, bc_row, t, L,
                                                 offs_e, mask_e, offs_n, mask2, sBn, sBl,
                                                 HAS_BIAS, SOFTPLUS, HAS_KEEP, ACC)
             h = a * h + (dt * uv)[:, None] * Bt
             y = tl.sum(h * Ct, axis=1) + Dv * uv
-            me = mask_e & (t < L)
             if HAS_Z:
-                zv = tl.load(z_ptr + row + offs_e * L + t, mask=me, other=0.0).to(ACC)
+                zv = tl.load(z_ptr + row + offs_e * L + t, mask=mask_e, other=0.0).to(ACC)
                 y = y * zv * tl.sigmoid(zv)
-            tl.store(out_ptr + row + offs_e * L + t, y, mask=me)
+            tl.store(out_ptr + row + offs_e * L + t, y, mask=mask_e)
+            t += 1
+        c += 1
     tl.store(hlast_ptr + pid_b * E * N + en, h, mask=mask2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "sBb", "sBg", "sBn"])
 def _bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, keep_ptr, hchunk_ptr,
                 dout_ptr, dlast_ptr, scratch_ptr,
                 du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dD_ptr, dbias_ptr, dB_ptr, dC_ptr, dh0_ptr,
                 E, N, L, Eg, n_eblocks, sBb, sBg, sBn, sBl,
-                n_chunks: tl.constexpr, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+                CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                 HAS_DLAST: tl.constexpr, HAS_KEEP: tl.constexpr, ACC: tl.constexpr):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)
     pid_e = tl.program_id(1)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     offs_n = tl.arange(0, BLOCK_N)
@@ -126,50 +130,56 @@ def _bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, k
     dA_acc = tl.zeros([BLOCK_E, BLOCK_N], dtype=ACC)
     dD_acc = tl.zeros([BLOCK_E], dtype=ACC)
     dbias_acc = tl.zeros([BLOCK_E], dtype=ACC)
-    for cc in range(n_chunks):
-        c = n_chunks - 1 - cc
+    n_chunks = tl.cdiv(L, CHUNK)
+    c = n_chunks - 1
+    while c >= 0:
         h_start = tl.load(hchunk_ptr + (pid_b * n_chunks + c) * E * N + en, mask=mask2, other=0.0).to(ACC)
+        t0 = c * CHUNK
+        n_steps = tl.minimum(CHUNK, L - t0)
         h = h_start
-        for i in range(CHUNK):  # recompute this chunk's states
-            t = c * CHUNK + i
-            uv, raw, dt, a, Bt, Ct = _load_step(u_ptr, delta_ptr, bias, B_ptr, C_ptr, keep_ptr, A, row, bc_row, t, L,
-                                                offs_e, mask_e, offs_n, mask2, sBn, sBl,
+        i = 0
+        while i < n_steps:  # recompute this chunk's states
+            uv, raw, dt, a, Bt, Ct = _load_step(u_ptr, delta_ptr, bias, B_ptr, C_ptr, keep_ptr, A, row, bc_row,
+                                                t0 + i, L, offs_e, mask_e, offs_n, mask2, sBn, sBl,
                                                 HAS_BIAS, SOFTPLUS, HAS_KEEP, ACC)
             h = a * h + (dt * uv)[:, None] * Bt
             tl.store(scratch + i * BLOCK_E * BLOCK_N + sc, h)
+            i += 1
         tl.debug_barrier()  # the reverse pass reads states other threads may have written
-        for ii in range(CHUNK):
-            i = CHUNK - 1 - ii
-            t = c * CHUNK + i
-            me = mask_e & (t < L)
+        i = n_steps - 1
+        while i >= 0:
+            t = t0 + i
             uv, raw, dt, a, Bt, Ct = _load_step(u_ptr, delta_ptr, bias, B_ptr, C_ptr, keep_ptr, A, row, bc_row, t, L,
                                                 offs_e, mask_e, offs_n, mask2, sBn, sBl,
                                                 HAS_BIAS, SOFTPLUS, HAS_KEEP, ACC)
             h_t = tl.load(scratch + i * BLOCK_E * BLOCK_N + sc)
             h_prev = tl.load(scratch + tl.maximum(i - 1, 0) * BLOCK_E * BLOCK_N + sc)
-            h_prev = tl.where(i > 0, h_prev, h_start)
-            dy = tl.load(dout_ptr + row + offs_e * L + t, mask=me, other=0.0).to(ACC)
+            h_prev = tl.where(tl.full([BLOCK_E, BLOCK_N], i, tl.int32) > 0, h_prev, h_start)
+            dy = tl.load(dout_ptr + row + offs_e * L + t, mask=mask_e, other=0.0).to(ACC)
             if HAS_Z:
-                zv = tl.load(z_ptr + row + offs_e * L + t, mask=me, other=0.0).to(ACC)
+                zv = tl.load(z_ptr + row + offs_e * L + t, mask=mask_e, other=0.0).to(ACC)
                 sz = tl.sigmoid(zv)
                 y = tl.sum(h_t * Ct, axis=1) + Dv * uv
-                tl.store(dz_ptr + row + offs_e * L + t, dy * y * sz * (1.0 + zv * (1.0 - sz)), mask=me)
+                tl.store(dz_ptr + row + offs_e * L + t, dy * y * sz * (1.0 + zv * (1.0 - sz)), mask=mask_e)
                 dy = dy * zv * sz
             dD_acc += dy * uv
             g += dy[:, None] * Ct
-            tl.store(dC_ptr + part_row + offs_n * L + t, tl.sum(dy[:, None] * h_t, axis=0), mask=mask_n & (t < L))
+            tl.store(dC_ptr + part_row + offs_n * L + t, tl.sum(dy[:, None] * h_t, axis=0), mask=mask_n)
             gq = g * h_prev * a  # dLoss/d(dt_t * A)
             gBsum = tl.sum(g * Bt, axis=1)
             gdt = tl.sum(gq * A, axis=1) + gBsum * uv
-            tl.store(du_ptr + row + offs_e * L + t, gBsum * dt + dy * Dv, mask=me)
+            tl.store(du_ptr + row + offs_e * L + t, gBsum * dt + dy * Dv, mask=mask_e)
             dA_acc += gq * dt[:, None]
-            tl.store(dB_ptr + part_row + offs_n * L + t, tl.sum(g * (dt * uv)[:, None], axis=0), mask=mask_n & (t < L))
+            tl.store(dB_ptr + part_row + offs_n * L + t, tl.sum(g * (dt * uv)[:, None], axis=0), mask=mask_n)
             if SOFTPLUS:
                 gdt = tl.where(raw > 20.0, gdt, gdt * tl.sigmoid(raw))
-            gdt = tl.where(me, gdt, 0.0)
-            tl.store(ddelta_ptr + row + offs_e * L + t, gdt, mask=me)
+            gdt = tl.where(mask_e, gdt, 0.0)
+            tl.store(ddelta_ptr + row + offs_e * L + t, gdt, mask=mask_e)
             dbias_acc += gdt
             g = g * a
+            i -= 1
+        tl.debug_barrier()  # the next chunk overwrites the scratch states
+        c -= 1
     tl.store(dh0_ptr + pid_b * E * N + en, g, mask=mask2)
     tl.store(dA_ptr + pid_b * E * N + en, dA_acc, mask=mask2)
     tl.store(dD_ptr + pid_b * E + offs_e, dD_acc, mask=mask_e)
@@ -202,7 +212,7 @@ class _TritonScan(torch.autograd.Function):
             u, delta, A, Bg, Cg, u if D is None else D, u if z is None else z, u if delta_bias is None else delta_bias,
             u if h0 is None else h0, u if keep is None else keep, out, hchunk, hlast,
             E, N, L, E // G, *Bg.stride(),
-            n_chunks=n_chunks, CHUNK=chunk, BLOCK_E=BLOCK_E, BLOCK_N=triton.next_power_of_2(N),
+            CHUNK=chunk, BLOCK_E=BLOCK_E, BLOCK_N=triton.next_power_of_2(N),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
             HAS_H0=h0 is not None, HAS_KEEP=keep is not None, ACC=acc,
         )
@@ -217,7 +227,7 @@ class _TritonScan(torch.autograd.Function):
         N, G = A.shape[1], Bg.shape[1]
         chunk, BLOCK_E = ctx.chunk, ctx.block_e
         BLOCK_N = triton.next_power_of_2(N)
-        n_chunks, n_eblocks = hchunk.shape[1], triton.cdiv(E, BLOCK_E)
+        n_eblocks = triton.cdiv(E, BLOCK_E)
         fdt = hchunk.dtype
 
         def buf(*shape):
@@ -232,7 +242,7 @@ class _TritonScan(torch.autograd.Function):
             u if keep is None else keep, hchunk, dout.contiguous(), u if dlast is None else dlast.contiguous(), scratch,
             du, ddelta, dz, dA, dD, dbias, dB, dC, dh0,
             E, N, L, E // G, n_eblocks, *Bg.stride(),
-            n_chunks=n_chunks, CHUNK=chunk, BLOCK_E=BLOCK_E, BLOCK_N=BLOCK_N,
+            CHUNK=chunk, BLOCK_E=BLOCK_E, BLOCK_N=BLOCK_N,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus,
             HAS_DLAST=dlast is not None, HAS_KEEP=keep is not None, ACC=ctx.acc,
         )
@@ -267,7 +277,7 @@ def selective_scan_triton(
     keep = None
     if cu_seqlens is not None:
         keep = (~sequence_starts(cu_seqlens, L)).to(torch.float32)  # decay 0 at sequence starts
-    chunk = min(chunk_size, triton.next_power_of_2(max(L, 1)))
+    chunk = chunk_size  # not clipped to L: the chunk is a compile-time constant and must not follow the length
     f = torch.float64 if u.dtype == torch.float64 else torch.float32
 
     def c(t):

@@ -150,10 +150,20 @@ def test_bad_inputs_raise_clear_errors():
 
 
 @needs_triton
-def test_triton_rejects_odd_head_size():
+@pytest.mark.parametrize("K", [8, 24, 48, 96])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_triton_odd_head_dims_match_reference(K, dtype):
+    """Head dims that are not powers of two (nor >= 16) are padded to a block and masked, never refused."""
+    V = {8: 24, 24: 8, 48: 40, 96: 20}[K]  # V not a power of two either; V = 40 spans two value blocks
+    xs = make_inputs(1, 19, 1, K, V, dtype=dtype)  # 19: a partial second chunk
+    check_against_reference(xs, 1e-10 if dtype == torch.float64 else 1e-4, chunk_size=16, backend="triton")
+
+
+@needs_triton
+def test_triton_rejects_chunk_size_that_is_not_a_power_of_two():
     q, k, v, beta, g, _ = make_inputs(1, 8, 1, 12, 16)
-    with pytest.raises(ValueError, match="power of two"):
-        chunk_delta_rule(q, k, v, beta, g, backend="triton")
+    with pytest.raises(ValueError, match="chunk_size to be a power of two"):
+        chunk_delta_rule(q, k, v, beta, g, chunk_size=24, backend="triton")
 
 
 @needs_triton

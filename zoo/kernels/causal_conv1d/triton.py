@@ -3,6 +3,8 @@
 Both kernels work on ``xfull = cat(initial_states, x)`` ``(B, E, W-1+L)`` so the initial state is just the
 first ``W-1`` columns. ``pos`` (packed input only) is each token's position inside its own sequence; a tap
 that looks back ``lag`` steps is dropped where ``pos < lag``, so nothing leaks across sequences.
+The channel and time blocks are masked, so any channel count and length work; the length is not specialised
+(one compile serves every L) and masks are comparisons of block tensors, valid on Triton 3.6 to 3.9.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L"])
 def _fwd_kernel(xf_ptr, w_ptr, b_ptr, pos_ptr, out_ptr, E, L,
                 W: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, SILU: tl.constexpr, ACC: tl.constexpr):
@@ -39,7 +41,7 @@ def _fwd_kernel(xf_ptr, w_ptr, b_ptr, pos_ptr, out_ptr, E, L,
     tl.store(out_ptr + pid_b * E * L + offs_e[:, None] * L + offs_t[None, :], acc, mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "n_lblocks"])
 def _bwd_kernel(xf_ptr, w_ptr, pos_ptr, dpre_ptr, dxf_ptr, dw_ptr, E, L, n_lblocks,
                 W: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
                 HAS_POS: tl.constexpr, ACC: tl.constexpr):

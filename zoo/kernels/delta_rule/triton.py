@@ -7,6 +7,12 @@ substitution, forms ``u = T (beta v)``, ``w = T (beta exp(G) k)``, the corrected
 output, then carries the state (see ``chunked.py`` for the maths). The forward saves each chunk's incoming
 state; the backward walks the chunks in reverse, recomputes the per-chunk quantities from that state and
 produces dq, dk, dv, dbeta, dg and d(initial_state) analytically.
+
+Head dims of any size: the key block is the next power of two (at least 16, what ``tl.dot`` needs) and the
+value block up to 32 columns, both masked to K and V. Portability (Triton 3.6 to 3.9, compiled and
+interpreted): the chunk loops are ``while`` loops over a runtime chunk count (Triton 3.6's interpreter cannot
+take ``range()`` of a runtime bound under NumPy 2.4) and no length-dependent argument is specialised, so one
+compile serves every sequence length; masks are comparisons of block tensors.
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_chunk(q, k, v, beta, g, t, m, h, rv, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _load_chunk(q, k, v, beta, g, t, m, h, rk, mk, rv, mv, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                 HAS_G: tl.constexpr, ACC: tl.constexpr):
-    rk = tl.arange(0, K)
-    bq = tl.load(q + (t[:, None] * H + h) * K + rk[None, :], mask=m[:, None], other=0.0).to(ACC)
-    bk = tl.load(k + (t[:, None] * H + h) * K + rk[None, :], mask=m[:, None], other=0.0).to(ACC)
-    bv = tl.load(v + (t[:, None] * H + h) * V + rv[None, :], mask=m[:, None], other=0.0).to(ACC)
+    """One chunk's rows ``t`` (valid where ``m``): q, k ``(C, BK)``, v ``(C, BV)``, beta and g ``(C,)``, zero-padded."""
+    mqk = m[:, None] & mk[None, :]
+    mvv = m[:, None] & mv[None, :]
+    bq = tl.load(q + (t[:, None] * H + h) * K + rk[None, :], mask=mqk, other=0.0).to(ACC)
+    bk = tl.load(k + (t[:, None] * H + h) * K + rk[None, :], mask=mqk, other=0.0).to(ACC)
+    bv = tl.load(v + (t[:, None] * H + h) * V + rv[None, :], mask=mvv, other=0.0).to(ACC)
     bb = tl.load(beta + t * H + h, mask=m, other=0.0).to(ACC)
     if HAS_G:
         bg = tl.load(g + t * H + h, mask=m, other=0.0).to(ACC)
@@ -52,28 +60,30 @@ def _chunk_terms(bk, bb, bg, C: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(q, k, v, beta, g, h0, o, ht, hs, cu, co, scale,
-                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                 HAS_G: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, ACC: tl.constexpr):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     iv = tl.program_id(2)  # value columns evolve independently: each program owns BV of them
     bos = tl.load(cu + n)
     eos = tl.load(cu + n + 1)
     c0 = tl.load(co + n)
     rc = tl.arange(0, C)
-    rk = tl.arange(0, K)
+    rk = tl.arange(0, BK)
     rv = iv * BV + tl.arange(0, BV)
+    mk, mv = rk < K, rv < V
     s_off = rk[:, None] * V + rv[None, :]
-    S = tl.zeros((K, BV), dtype=ACC)
+    s_m = mk[:, None] & mv[None, :]
+    S = tl.zeros((BK, BV), dtype=ACC)
     if HAS_H0:
-        S = tl.load(h0 + (n * H + h) * K * V + s_off).to(ACC)
+        S = tl.load(h0 + (n * H + h) * K * V + s_off, mask=s_m, other=0.0).to(ACC)
     nch = tl.cdiv(eos - bos, C)
     c = 0
     while c < nch:  # a while loop: the interpreter cannot take a runtime bound in range()
         t = bos + c * C + rc
         m = t < eos
-        bq, bk, bv, bb, bg = _load_chunk(q, k, v, beta, g, t, m, h, rv, H, K, V, HAS_G, ACC)
-        tl.store(hs + ((c0 + c) * H + h) * K * V + s_off, S)
+        bq, bk, bv, bb, bg = _load_chunk(q, k, v, beta, g, t, m, h, rk, mk, rv, mv, H, K, V, HAS_G, ACC)
+        tl.store(hs + ((c0 + c) * H + h) * K * V + s_off, S, mask=s_m)
         G, Dm, KK, A, Ti, gL = _chunk_terms(bk, bb, bg, C)
         gam = tl.exp(G)
         u = tl.dot(Ti, bb[:, None] * bv)
@@ -81,19 +91,19 @@ def _fwd_kernel(q, k, v, beta, g, h0, o, ht, hs, cu, co, scale,
         vn = u - tl.dot(w, S)  # corrected values (C, V)
         P = tl.dot(bq, tl.trans(bk)) * Dm
         ob = scale * (gam[:, None] * tl.dot(bq, S) + tl.dot(P, vn))
-        tl.store(o + (t[:, None] * H + h) * V + rv[None, :], ob.to(o.dtype.element_ty), mask=m[:, None])
+        tl.store(o + (t[:, None] * H + h) * V + rv[None, :], ob.to(o.dtype.element_ty), mask=m[:, None] & mv[None, :])
         kd = bk * tl.exp(gL - G)[:, None]
         S = tl.exp(gL) * S + tl.dot(tl.trans(kd), vn)
         c += 1
     if STORE_HT:
-        tl.store(ht + (n * H + h) * K * V + s_off, S)
+        tl.store(ht + (n * H + h) * K * V + s_off, S, mask=s_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tok"])
 def _bwd_kernel(q, k, v, beta, g, hs, do, dht, dq, dk, dv, dbeta, dg, dh0, cu, co, scale, n_tok,
-                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                 HAS_G: tl.constexpr, HAS_DHT: tl.constexpr, HAS_H0: tl.constexpr, ACC: tl.constexpr):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     iv = tl.program_id(2)
     # dq, dk, dbeta, dg are sums over value columns: each V block writes its own partial slice.
@@ -105,20 +115,22 @@ def _bwd_kernel(q, k, v, beta, g, hs, do, dht, dq, dk, dv, dbeta, dg, dh0, cu, c
     eos = tl.load(cu + n + 1)
     c0 = tl.load(co + n)
     rc = tl.arange(0, C)
-    rk = tl.arange(0, K)
+    rk = tl.arange(0, BK)
     rv = iv * BV + tl.arange(0, BV)
+    mk, mv = rk < K, rv < V
     s_off = rk[:, None] * V + rv[None, :]
+    s_m = mk[:, None] & mv[None, :]
     lt = rc[:, None] > rc[None, :]
-    dS = tl.zeros((K, BV), dtype=ACC)
+    dS = tl.zeros((BK, BV), dtype=ACC)
     if HAS_DHT:
-        dS = tl.load(dht + (n * H + h) * K * V + s_off).to(ACC)
+        dS = tl.load(dht + (n * H + h) * K * V + s_off, mask=s_m, other=0.0).to(ACC)
     nch = tl.cdiv(eos - bos, C)
     c = nch - 1
     while c >= 0:
         t = bos + c * C + rc
         m = t < eos
-        bq, bk, bv, bb, bg = _load_chunk(q, k, v, beta, g, t, m, h, rv, H, K, V, HAS_G, ACC)
-        S = tl.load(hs + ((c0 + c) * H + h) * K * V + s_off).to(ACC)
+        bq, bk, bv, bb, bg = _load_chunk(q, k, v, beta, g, t, m, h, rk, mk, rv, mv, H, K, V, HAS_G, ACC)
+        S = tl.load(hs + ((c0 + c) * H + h) * K * V + s_off, mask=s_m, other=0.0).to(ACC)
         G, Dm, KK, A, Ti, gL = _chunk_terms(bk, bb, bg, C)
         gam = tl.exp(G)
         bv_b = bb[:, None] * bv
@@ -130,7 +142,8 @@ def _bwd_kernel(q, k, v, beta, g, hs, do, dht, dq, dk, dv, dbeta, dg, dh0, cu, c
         P = QK * Dm
         E = tl.exp(gL - G)
         kd = bk * E[:, None]
-        bdo = scale * tl.load(do + (t[:, None] * H + h) * V + rv[None, :], mask=m[:, None], other=0.0).to(ACC)
+        bdo = scale * tl.load(do + (t[:, None] * H + h) * V + rv[None, :], mask=m[:, None] & mv[None, :],
+                              other=0.0).to(ACC)
         # o = gam * (q S) + P vn ; S_out = exp(gL) S + kd^T vn
         dvn = tl.dot(tl.trans(P), bdo) + tl.dot(kd, dS)
         dP = tl.dot(bdo, tl.trans(vn))
@@ -159,16 +172,17 @@ def _bwd_kernel(q, k, v, beta, g, hs, do, dht, dq, dk, dv, dbeta, dg, dh0, cu, c
         dG = dgam * gam + tl.sum(R, 1) - tl.sum(R, 0) - dEE
         dG += tl.where(rc == C - 1, dgL + tl.sum(dEE, 0), 0.0)
         b_dg = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG  # suffix sums: g enters every later G
-        tl.store(dq + (t[:, None] * H + h) * K + rk[None, :], b_dq.to(dq.dtype.element_ty), mask=m[:, None])
-        tl.store(dk + (t[:, None] * H + h) * K + rk[None, :], b_dk.to(dk.dtype.element_ty), mask=m[:, None])
-        tl.store(dv + (t[:, None] * H + h) * V + rv[None, :], b_dv.to(dv.dtype.element_ty), mask=m[:, None])
+        mqk = m[:, None] & mk[None, :]
+        tl.store(dq + (t[:, None] * H + h) * K + rk[None, :], b_dq.to(dq.dtype.element_ty), mask=mqk)
+        tl.store(dk + (t[:, None] * H + h) * K + rk[None, :], b_dk.to(dk.dtype.element_ty), mask=mqk)
+        tl.store(dv + (t[:, None] * H + h) * V + rv[None, :], b_dv.to(dv.dtype.element_ty), mask=m[:, None] & mv[None, :])
         tl.store(dbeta + t * H + h, b_db.to(dbeta.dtype.element_ty), mask=m)
         if HAS_G:
             tl.store(dg + t * H + h, b_dg.to(dg.dtype.element_ty), mask=m)
         dS = dS_prev
         c -= 1
     if HAS_H0:
-        tl.store(dh0 + (n * H + h) * K * V + s_off, dS.to(dh0.dtype.element_ty))
+        tl.store(dh0 + (n * H + h) * K * V + s_off, dS.to(dh0.dtype.element_ty), mask=s_m)
 
 
 def _layout(B: int, L: int, cu_seqlens: torch.Tensor | None, C: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -194,9 +208,9 @@ class _ChunkDeltaRule(torch.autograd.Function):
         hs = torch.empty(n_chunks, H, K, V, dtype=acc_t, device=q.device)  # each chunk's incoming state
         ht = torch.empty(N, H, K, V, dtype=acc_t, device=q.device) if output_final_state else hs
         h0c = h0.contiguous() if h0 is not None else hs
-        BV = min(V, _BLOCK_V)
-        _fwd_kernel[(N, H, V // BV)](
-            q, k, v, beta, gc, h0c, o, ht, hs, cu, co, scale, H=H, K=K, V=V, BV=BV, C=chunk_size,
+        BK, BV = _blocks(K, V)
+        _fwd_kernel[(N, H, triton.cdiv(V, BV))](
+            q, k, v, beta, gc, h0c, o, ht, hs, cu, co, scale, H=H, K=K, V=V, BK=BK, BV=BV, C=chunk_size,
             HAS_G=g is not None, HAS_H0=h0 is not None, STORE_HT=output_final_state, ACC=acc,
         )
         ctx.save_for_backward(q, k, v, beta, g, h0, hs, cu, co)
@@ -209,9 +223,8 @@ class _ChunkDeltaRule(torch.autograd.Function):
         B, L, H, K = q.shape
         V = v.shape[-1]
         N = cu.numel() - 1
-
-        BV = min(V, _BLOCK_V)
-        NV = V // BV
+        BK, BV = _blocks(K, V)
+        NV = triton.cdiv(V, BV)
 
         def nan_buffer(*shape, dtype):
             return torch.full(shape, float("nan"), dtype=dtype, device=q.device)
@@ -225,7 +238,7 @@ class _ChunkDeltaRule(torch.autograd.Function):
         dhtc = dht.contiguous() if dht is not None else hs
         _bwd_kernel[(N, H, NV)](
             q, k, v, beta, g if g is not None else beta, hs, do, dhtc, dq, dk, dv, dbeta, dg, dh0, cu, co, ctx.scale,
-            B * L, H=H, K=K, V=V, BV=BV, C=ctx.C, HAS_G=g is not None, HAS_DHT=dht is not None,
+            B * L, H=H, K=K, V=V, BK=BK, BV=BV, C=ctx.C, HAS_G=g is not None, HAS_DHT=dht is not None,
             HAS_H0=h0 is not None, ACC=ctx.acc,
         )
         dq, dk, dbeta = dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dbeta.sum(0).to(beta.dtype)
@@ -236,8 +249,9 @@ class _ChunkDeltaRule(torch.autograd.Function):
 _BLOCK_V = 32  # value columns per program (the recurrence never mixes value columns)
 
 
-def _pow2(x: int) -> bool:
-    return x >= 16 and (x & (x - 1)) == 0
+def _blocks(K: int, V: int) -> tuple[int, int]:
+    """Key block (all of K) and value block: powers of two, at least 16 (``tl.dot``), masked to K and V."""
+    return max(16, triton.next_power_of_2(K)), min(_BLOCK_V, max(16, triton.next_power_of_2(V)))
 
 
 def chunk_delta_rule_triton(
@@ -253,12 +267,12 @@ def chunk_delta_rule_triton(
     cu_seqlens: torch.Tensor | None,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Triton chunked delta rule (forward and analytic backward); same contract as ``chunk_delta_rule``."""
-    K, V = q.shape[-1], v.shape[-1]
-    for name, val in (("key dim K", K), ("value dim V", V), ("chunk_size", chunk_size)):
-        if not _pow2(val):
-            raise ValueError(
-                f"chunk_delta_rule backend 'triton' needs {name} to be a power of two >= 16, got {val}; "
-                "change the head size or use backend='torch'."
-            )
+    """Triton chunked delta rule (forward and analytic backward); same contract as ``chunk_delta_rule``.
+
+    Any head sizes K and V (masked blocks); ``chunk_size`` must be a power of two >= 16."""
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(
+            f"chunk_delta_rule: backend 'triton' needs chunk_size to be a power of two >= 16, got {chunk_size}; "
+            "pass e.g. chunk_size=64 or use backend='torch'."
+        )
     return _ChunkDeltaRule.apply(q, k, v, beta, g, initial_state, scale, cu_seqlens, chunk_size, output_final_state)

@@ -42,6 +42,23 @@ def test_equals_reference_values_and_grads(backend, W, activation, with_state):
         assert_close(a, r, what=f"grad {i}")
 
 
+@pytest.mark.parametrize("E,W", [(8, 2), (24, 3), (48, 4), (96, 3)])
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+def test_triton_any_width_and_channels_equal_reference(E, W, dtype):
+    """Channel counts that are not multiples of the block and lengths past one time block; every gradient."""
+    x = torch.randn(1, E, 70, dtype=F64, requires_grad=True)  # 70: two time blocks of 64, the second masked
+    w = torch.randn(E, W, dtype=F64, requires_grad=True)
+    b = torch.randn(E, dtype=F64, requires_grad=True)
+    h0 = torch.randn(1, E, W - 1, dtype=F64, requires_grad=True)
+    ref, g_ref = grads_of(causal_conv1d_ref, x, w, b, h0, activation="silu")
+    ins = [t.detach().to(dtype).requires_grad_() for t in (x, w, b, h0)]
+    got, g_got = grads_of(causal_conv1d, *ins, activation="silu", backend="triton")
+    tol = 1e-10 if dtype == F64 else 1e-5
+    assert_close(got, ref, tol=tol, what="out")
+    for name, a, r in zip(("dx", "dweight", "dbias", "dinitial_states"), g_got, g_ref):
+        assert_close(a, r, tol=tol, what=name)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_float32_close_to_float64_oracle(backend):
     x, w, b = torch.randn(2, 6, 20), torch.randn(6, 4), torch.randn(6)

@@ -154,9 +154,15 @@ def test_bad_inputs_raise_clear_errors():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_triton_odd_head_dims_match_reference(K, dtype):
     """Head dims that are not powers of two (nor >= 16) are padded to a block and masked, never refused."""
-    V = {8: 24, 24: 8, 48: 40, 96: 20}[K]  # V not a power of two either; V = 40 spans two value blocks
+    V = {8: 96, 24: 8, 48: 24, 96: 48}[K]  # every size for V too; 48 and 96 span several value blocks
     xs = make_inputs(1, 19, 1, K, V, dtype=dtype)  # 19: a partial second chunk
     check_against_reference(xs, 1e-10 if dtype == torch.float64 else 1e-4, chunk_size=16, backend="triton")
+
+
+@needs_triton
+def test_triton_largest_head_dims_match_reference():
+    xs = make_inputs(1, 17, 1, 256, 40)  # K = 256 (the largest a config allows), V = 40: two value blocks
+    check_against_reference(xs, 1e-10, chunk_size=16, backend="triton")
 
 
 @needs_triton

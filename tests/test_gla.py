@@ -69,6 +69,28 @@ def test_triton_pads_head_dims(per_key):
 
 
 @needs_triton
+@pytest.mark.parametrize("K", [8, 24, 48, 96])
+@pytest.mark.parametrize("per_key", [False, True], ids=["scalar_g", "per_key_g"])
+@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
+def test_triton_odd_head_dims_equal_recurrent(K, per_key, dtype):
+    """Head dims that are not powers of two: blocks padded and masked in the kernel, values and every gradient."""
+    V = {8: 96, 24: 8, 48: 24, 96: 48}[K]  # every size for V too; V = 96 spans two value blocks
+    ins = make_inputs(1, 19, 1, K, V, per_key=per_key, h0=True)  # 19: a partial second chunk
+    want = run(gla_recurrent, ins)
+    if dtype != F64:
+        ins = [t.detach().to(dtype).requires_grad_() for t in ins]
+    tol = 1e-9 if dtype == F64 else 2e-4
+    assert_close(run(chunk_gla, ins, chunk_size=16, backend="triton"), want, tol, tol, f"K={K}")
+
+
+@needs_triton
+@pytest.mark.parametrize("per_key", [False, True], ids=["scalar_g", "per_key_g"])
+def test_triton_largest_head_dims_equal_recurrent(per_key):
+    ins = make_inputs(1, 17, 1, 256, 20, per_key=per_key, h0=True)  # K = 256 (the largest a config allows)
+    assert_close(run(chunk_gla, ins, chunk_size=16, backend="triton"), run(gla_recurrent, ins), 1e-9, 1e-9)
+
+
+@needs_triton
 @pytest.mark.parametrize("per_key", [False, True], ids=["scalar_g", "per_key_g"])
 def test_triton_value_blocks_equal_recurrent(per_key, monkeypatch):
     """V split across programs (here 2 blocks of 16): dq and dk are sums of per-block partials."""

@@ -7,7 +7,7 @@ import zoo
 from zoo.config import apply_overrides, read_yaml, validate_model
 from zoo.data.passkey import evaluate_passkey, make_passkey_example
 from zoo.data.tokenizer import ByteTokenizer
-from zoo.models import ZooConfig, ZooForCausalLM
+from zoo.models import GENERATION_CACHE_KEY, ZooConfig, ZooForCausalLM
 from zoo.nn.moe import MoE
 
 HYBRIDS = ["samba", "jamba", "mom-attention", "hgrn-swa"]
@@ -72,7 +72,7 @@ def test_sliding_window_cache_stays_bounded_over_long_generation():
     x = torch.randint(1, V, (1, 4))
     cache = model.new_cache()
     with torch.no_grad():
-        seq = model.generate(x, past_key_values=cache, max_new_tokens=120, min_new_tokens=120, do_sample=False, pad_token_id=0)
+        seq = model.generate(x, **{GENERATION_CACHE_KEY: cache}, max_new_tokens=120, min_new_tokens=120, do_sample=False, pad_token_id=0)
     sizes = []
     for layer in cache.layers:
         if hasattr(layer, "keys") and layer.keys is not None:
@@ -83,7 +83,7 @@ def test_sliding_window_cache_stays_bounded_over_long_generation():
     assert all(s == window - 1 for s in sizes[1::2])
     first = sizes[0::2]
     with torch.no_grad():
-        more = model.generate(seq, past_key_values=cache, max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0)
+        more = model.generate(seq, **{GENERATION_CACHE_KEY: cache}, max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0)
     assert more.shape[1] == 164 and cache.layers[1].keys.shape[2] == window - 1
     assert [sum(t.numel() for t in cache.layers[i].states.values()) for i in range(0, len(sizes), 2)] == first
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from transformers import AddedToken, PreTrainedTokenizer, PreTrainedTokenizerBase
 
+from zoo.models.hub import write_code_file
+
 _SPECIALS = ("<pad>", "<bos>", "<eos>")
 
 
@@ -77,6 +79,15 @@ class ByteTokenizer(PreTrainedTokenizer):
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
         """The byte vocabulary is implicit: nothing to write."""
         return ()
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class: str = "AutoTokenizer") -> None:
+        """A no-op: ``save_pretrained`` always writes the ``auto_map`` and ``zoo_hf.py``."""
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> tuple[str, ...]:
+        """``tokenizer_config.json`` (class name, specials, ``auto_map``) plus ``zoo_hf.py``, the file it names."""
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        return (*files, str(write_code_file(save_directory)))
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:

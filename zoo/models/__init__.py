@@ -10,6 +10,7 @@ from transformers import (
 from zoo.models.cache import RecurrentStateLayer, ZooCache, get_state, set_state
 from zoo.models.configuration import ZooConfig
 from zoo.models.modeling import (
+    GENERATION_CACHE_KEY,
     ZooBlock,
     ZooForCausalLM,
     ZooForSequenceClassification,
@@ -23,6 +24,6 @@ AutoModelForCausalLM.register(ZooConfig, ZooForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(ZooConfig, ZooForSequenceClassification, exist_ok=True)
 
 __all__ = [
-    "RecurrentStateLayer", "ZooBlock", "ZooCache", "ZooConfig", "ZooForCausalLM",
+    "GENERATION_CACHE_KEY", "RecurrentStateLayer", "ZooBlock", "ZooCache", "ZooConfig", "ZooForCausalLM",
     "ZooForSequenceClassification", "ZooModel", "ZooPreTrainedModel", "get_state", "set_state",
 ]

@@ -7,8 +7,16 @@ named state tensors (batch on dim 0), so ``generate()`` (greedy, sampling, beam 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.cache_utils import DynamicCache, LinearAttentionCacheLayerMixin
+
+# transformers 5.24 gave the mixin several state slots (``number_of_states``); 5.5 takes no arguments.
+_MIXIN_KWARGS = (
+    {"number_of_states": 1} if "number_of_states" in inspect.signature(LinearAttentionCacheLayerMixin.__init__).parameters
+    else {}
+)
 
 
 class RecurrentStateLayer(LinearAttentionCacheLayerMixin):
@@ -18,7 +26,7 @@ class RecurrentStateLayer(LinearAttentionCacheLayerMixin):
     is_sliding = False
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(number_of_states=1)
+        super().__init__(**_MIXIN_KWARGS)
         self.states: dict[str, torch.Tensor] | None = None
         self.seen_tokens = 0
 
@@ -88,6 +96,13 @@ class ZooCache(DynamicCache):
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         return self.layers[layer_idx].get_mask_sizes(query_length)
+
+    @property
+    def is_linear(self) -> list[bool]:
+        # transformers >= 5.2x cuts the already-cached prefix off a prompt passed again to generate() only when some
+        # layer is not "linear" (it cannot tell how many tokens a linear state has seen). Every zoo layer counts its
+        # tokens (RecurrentStateLayer.seen_tokens), so the cut is always right: report no layer as linear.
+        return [False] * len(self.layers)
 
 
 def _layer(cache, layer_idx: int) -> RecurrentStateLayer:

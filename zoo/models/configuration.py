@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
+from zoo.models.hub import CONFIG_AUTO_MAP, write_code_file
+
 
 class ZooConfig(PreTrainedConfig):
     """Vocabulary, width and the list of layers (each: mixer name + mixer kwargs + MLP kind).
@@ -38,7 +40,20 @@ class ZooConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         self.layers = resolve_layers(self.n_layers, self.pattern, self.layers, self.mixers or {}, self.mlp)
         self.n_layers = len(self.layers)
+        kwargs.pop("auto_map", None)
         super().__post_init__(**kwargs)
+        # Saved into config.json: a fresh process loads the checkpoint with trust_remote_code=True (see zoo_hf.py).
+        self.auto_map = dict(CONFIG_AUTO_MAP)
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig") -> None:
+        """A no-op: every saved ZooConfig already carries its ``auto_map`` (see :mod:`zoo.models.hub`)."""
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedConfig.save_pretrained`` plus ``zoo_hf.py``, the code file its ``auto_map`` names."""
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        write_code_file(save_directory)
+        return out
 
     @property
     def hidden_size(self) -> int:

@@ -6,8 +6,9 @@ No per-architecture copy of the modeling code: each layer is ``x + mixer(norm(x)
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +22,41 @@ from transformers.modeling_outputs import (
 
 from zoo.models.cache import ZooCache
 from zoo.models.configuration import ZooConfig
+from zoo.models.packing import packed_cu_seqlens
 from zoo.nn import RMSNorm
 from zoo.nn.mlp import build_mlp
 from zoo.registry import get_mixer
 
 _OUT_PROJ_SUFFIXES = ("out_proj.weight", "o_proj.weight", "mlp.w2.weight")
+
+#: The name under which the installed transformers hands the cache from generate() to ``forward`` and back:
+#: ``past_key_values`` up to 5.2x, ``cache`` in later releases. ``forward`` accepts both.
+GENERATION_CACHE_KEY = (
+    "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    else "past_key_values"
+)
+#: The field of transformers' output classes that holds the cache (same rename).
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+# Arguments transformers may pass that carry nothing for these models (positions come from the cache).
+_IGNORED_KWARGS = ("return_dict", "cache_position")
+
+
+def _one_cache(cache, past_key_values):
+    if cache is not None and past_key_values is not None:
+        raise ValueError(
+            "got both cache= and past_key_values= (two names of the same argument in different transformers "
+            "versions); pass the cache once."
+        )
+    return cache if cache is not None else past_key_values
+
+
+def _reject_unknown(kwargs: dict, where: str) -> None:
+    # An argument that is silently dropped gives a silently wrong result (as a renamed cache did): refuse it.
+    if kwargs.get("output_attentions"):
+        raise ValueError(f"{where}: zoo models have no attention weights to return; call without output_attentions=True.")
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _IGNORED_KWARGS and k != "output_attentions")
+    if unknown:
+        raise TypeError(f"{where} got unexpected argument(s) {unknown}; remove them (see the signature for what it reads).")
 
 
 class ZooBlock(nn.Module):
@@ -55,6 +86,17 @@ class ZooPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["ZooBlock"]
     _supports_sdpa = True
     _can_compile_fullgraph = False
+    # The models average their own loss (and add router aux losses); transformers' Trainer must not pass
+    # num_items_in_batch and must scale for gradient accumulation itself.
+    accepts_loss_kwargs = False
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModel") -> None:
+        """A no-op: every saved config carries the ``auto_map`` and code file (``ZooConfig.save_pretrained``).
+
+        (transformers calls this when it loads the model through ``trust_remote_code``; its default would copy
+        this package's source files into the next checkpoint saved.)
+        """
 
     def _init_weights(self, module: nn.Module) -> None:
         # Mixers initialise themselves (each paper's scheme); only the model's own layers are set here.
@@ -64,6 +106,13 @@ class ZooPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+
+
+@dataclass
+class ZooModelOutput(BaseModelOutputWithPast):
+    """``BaseModelOutputWithPast`` plus the packing the forward used (``cu_seqlens`` over the flattened tokens)."""
+
+    cu_seqlens: torch.Tensor | None = None
 
 
 class ZooModel(ZooPreTrainedModel):
@@ -121,44 +170,69 @@ class ZooModel(ZooPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        cache: ZooCache | None = None,
         past_key_values: ZooCache | None = None,
         use_cache: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
+        seq_idx: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
+    ) -> ZooModelOutput:
+        """Run the stack. The cache may come as ``cache`` or ``past_key_values`` (transformers' two names).
+
+        Packed documents may be described by ``cu_seqlens``, by HF's ``cu_seq_lens_q/k`` (+ ``max_length_q/k``),
+        by ``seq_idx`` or by ``position_ids`` that restart (``DataCollatorWithFlattening``); all given must agree.
+        Consecutive ``position_ids`` (as from ``generate()``) are ordinary positions. The resolved packing, over the
+        flattened ``(1, B * L)`` tokens, is returned as ``cu_seqlens``.
+        """
+        _reject_unknown(kwargs, type(self).__name__ + ".forward")
+        cache = _one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds.")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        if x.shape[1] == 0:
+        B, L, D = x.shape
+        if L == 0:
             raise ValueError(
                 "the input has no tokens; when generate() continues from a cache, pass the whole sequence so far "
                 "(prompt + generated tokens) as input_ids."
             )
-        if use_cache and past_key_values is None and not self.training:
-            past_key_values = self.new_cache()
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
-        if cu_seqlens is not None and x.shape[0] != 1:
-            raise ValueError(f"cu_seqlens packs sequences into one row; got batch size {x.shape[0]}, expected 1.")
+        cu_seqlens = packed_cu_seqlens(
+            B, L, cu_seqlens=cu_seqlens, position_ids=position_ids, cu_seq_lens_q=cu_seq_lens_q,
+            cu_seq_lens_k=cu_seq_lens_k, max_length_q=max_length_q, max_length_k=max_length_k, seq_idx=seq_idx,
+            attention_mask=attention_mask,
+        )
+        if cu_seqlens is not None and (cache is not None or (use_cache and not self.training)):
+            raise ValueError(
+                "packed documents (cu_seqlens, or position_ids/seq_idx that restart) cannot be decoded with a cache; "
+                "call the model with use_cache=False and no cache, or generate from each document alone."
+            )
+        if use_cache and cache is None and not self.training:
+            cache = self.new_cache()
+        if cu_seqlens is not None and B > 1:
+            x = x.reshape(1, B * L, D)  # several packed rows: one row whose documents include every row start
         hidden = [] if output_hidden_states else None
         for block in self.layers:
             if hidden is not None:
                 hidden.append(x)
             if self.gradient_checkpointing and self.training:
-                x = self._gradient_checkpointing_func(
-                    _run_block, block, x, attention_mask, cu_seqlens
-                )
+                x = self._gradient_checkpointing_func(_run_block, block, x, attention_mask, cu_seqlens)
             else:
-                x = block(x, cache=past_key_values, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
+                x = block(x, cache=cache, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
         x = self.norm_f(x)
         if hidden is not None:
             hidden.append(x)
-        return BaseModelOutputWithPast(
-            last_hidden_state=x,
-            past_key_values=past_key_values if use_cache or past_key_values is not None else None,
-            hidden_states=tuple(hidden) if hidden is not None else None,
+        return ZooModelOutput(
+            last_hidden_state=x.reshape(B, L, D),
+            hidden_states=tuple(h.reshape(B, L, D) for h in hidden) if hidden is not None else None,
+            cu_seqlens=cu_seqlens,
+            **{_OUTPUT_CACHE_FIELD: cache if use_cache or cache is not None else None},
         )
 
     def aux_loss(self) -> torch.Tensor | None:
@@ -209,8 +283,14 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
         # generate() would build a plain DynamicCache from the config; recurrent layers need their own layer type.
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = self.new_cache()
+        # A cache the caller passed under the other transformers version's name is moved to the one this one reads.
+        given = [name for name in ("cache", "past_key_values") if model_kwargs.get(name) is not None]
+        if len(given) == 2:
+            _one_cache(model_kwargs["cache"], model_kwargs["past_key_values"])
+        if given and given[0] != GENERATION_CACHE_KEY:
+            model_kwargs[GENERATION_CACHE_KEY] = model_kwargs.pop(given[0])
+        if model_kwargs.get(GENERATION_CACHE_KEY) is None and generation_config.use_cache is not False:
+            model_kwargs[GENERATION_CACHE_KEY] = self.new_cache()
             return None
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
@@ -219,22 +299,39 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        cache: ZooCache | None = None,
         past_key_values: ZooCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
+        seq_idx: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> ZooCausalLMOutput:
+        """Logits (and, with ``labels``, the next-token loss). Arguments as in :meth:`ZooModel.forward`.
+
+        With packed documents the loss never predicts a document's first token from the previous document.
+        """
+        _reject_unknown(kwargs, type(self).__name__ + ".forward")
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             use_cache=use_cache,
             cu_seqlens=cu_seqlens,
+            position_ids=position_ids,
+            cu_seq_lens_q=cu_seq_lens_q,
+            cu_seq_lens_k=cu_seq_lens_k,
+            max_length_q=max_length_q,
+            max_length_k=max_length_k,
+            seq_idx=seq_idx,
             output_hidden_states=output_hidden_states,
         )
         h = out.last_hidden_state
@@ -243,16 +340,22 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h)
         loss = aux = None
         if labels is not None:
-            loss = causal_lm_loss(logits, labels, cu_seqlens)
+            if logits_to_keep:
+                raise ValueError("labels need the logits of every position; call with logits_to_keep=0.")
+            B, L = logits.shape[:2]
+            if out.cu_seqlens is not None and B > 1:  # packed rows were run as one row: so is the loss
+                loss = causal_lm_loss(logits.reshape(1, B * L, -1), labels.reshape(1, B * L), out.cu_seqlens)
+            else:
+                loss = causal_lm_loss(logits, labels, out.cu_seqlens)
             aux = self.model.aux_loss() if self.training else None
             if aux is not None:
                 loss = loss + aux
         return ZooCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=out.past_key_values,
             hidden_states=out.hidden_states,
             aux_loss=aux,
+            **{_OUTPUT_CACHE_FIELD: getattr(out, _OUTPUT_CACHE_FIELD)},
         )
 
 
@@ -301,9 +404,10 @@ class ZooForSequenceClassification(ZooPreTrainedModel):
         labels: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> SequenceClassifierOutputWithPast:
+        """Pooled logits (and, with ``labels``, cross entropy, or MSE when ``num_labels == 1``)."""
+        _reject_unknown(kwargs, type(self).__name__ + ".forward")
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,

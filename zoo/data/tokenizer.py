@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import AddedToken, PreTrainedTokenizer, PreTrainedTokenizerBase
 
-from zoo.models.hub import write_code_file
+from zoo.models.hub import TOKENIZER_AUTO_MAP, write_code_file
 
 _SPECIALS = ("<pad>", "<bos>", "<eos>")
 
@@ -17,10 +17,13 @@ class ByteTokenizer(PreTrainedTokenizer):
     """UTF-8 byte tokenizer: ids 0-255 are the bytes, then ``<pad>`` 256, ``<bos>`` 257, ``<eos>`` 258.
 
     Encoding adds no special tokens; decoding drops invalid UTF-8 sequences. It has no vocabulary file, so
-    ``save_pretrained`` writes only ``tokenizer_config.json`` and ``from_pretrained`` never downloads.
+    ``save_pretrained`` writes only ``tokenizer_config.json`` (with an ``auto_map``) and ``zoo_hf.py``, and
+    ``from_pretrained`` never downloads; ``AutoTokenizer.from_pretrained(path, trust_remote_code=True)`` loads it in
+    a process that never imported ``zoo``.
     """
 
     model_input_names = ["input_ids", "attention_mask"]
+    _auto_map = TOKENIZER_AUTO_MAP  # written into tokenizer_config.json by save_pretrained
 
     def __init__(self, pad_token: str = "<pad>", bos_token: str = "<bos>", eos_token: str = "<eos>", **kwargs) -> None:
         kwargs.pop("added_tokens_decoder", None)

@@ -2,12 +2,13 @@
 
 Each test compares the per-step logits/scores of ``generate(output_scores=True, return_dict_in_generate=True)``
 with the logits of one full forward (no cache) over the final sequence: greedy, beam search (against a manual
-beam loop over full forwards), sampling with a fixed seed, chunked prefill, a left-padded batch and a generation
-continued from a returned cache. Models are fp32, width 64, untied embeddings, with a sharpened head so greedy
+beam loop over full forwards), sampling with a fixed seed, chunked prefill, a left-padded batch (also chunked) and a
+generation continued from a returned cache. Models are fp32, width 64, untied embeddings, with a sharpened head so greedy
 tokens vary instead of repeating one token.
 """
 
 import inspect
+import warnings
 from functools import cache
 
 import pytest
@@ -171,11 +172,13 @@ def test_left_padded_batch_equals_each_prompt_alone(name):
     mask = torch.ones(2, 9, dtype=torch.long)
     mask[1, :4] = 0
     out = gen(model, batch, attention_mask=mask, do_sample=False)
+    chunked = gen(model, batch, attention_mask=mask, do_sample=False, prefill_chunk_size=3)  # a chunk of pads only
     for row, alone_prompt in ((0, a), (1, b)):
         alone = gen(model, alone_prompt, do_sample=False)
-        assert out.sequences[row, 9:].tolist() == alone.sequences[0, alone_prompt.shape[1]:].tolist()
-        for t in range(NEW):
-            close(out.scores[t][row], alone.scores[t][0], f"row {row}, new token {t} vs the prompt alone")
+        for o in (out, chunked):
+            assert o.sequences[row, 9:].tolist() == alone.sequences[0, alone_prompt.shape[1]:].tolist()
+            for t in range(NEW):
+                close(o.scores[t][row], alone.scores[t][0], f"row {row}, new token {t} vs the prompt alone")
         check_steps_against_full_forward(model, alone, alone_prompt.shape[1])
 
 
@@ -187,3 +190,15 @@ def test_generation_continued_from_returned_cache_equals_full_forward(name):
     assert cache is not None and cache.get_seq_length() == 6 + NEW - 1
     more = gen(model, first.sequences, do_sample=False, **{CACHE_KEY: cache})
     check_steps_against_full_forward(model, more, 6 + NEW)
+
+
+@pytest.mark.parametrize("key", ["cache", "past_key_values"])
+def test_cache_passed_to_generate_under_either_name_is_used(key):
+    model, x = build("samba"), prompts(2, 6, 8)
+    first = gen(model, x, do_sample=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the name the installed transformers calls deprecated
+        more = gen(model, first.sequences, do_sample=False, **{key: first[CACHE_KEY]})
+    check_steps_against_full_forward(model, more, 6 + NEW)
+    with pytest.raises(ValueError, match="pass the cache once"):
+        model(x, cache=model.new_cache(), past_key_values=model.new_cache())

@@ -99,7 +99,7 @@ class ZooCache(DynamicCache):
 
     @property
     def is_linear(self) -> list[bool]:
-        # transformers >= 5.2x cuts the already-cached prefix off a prompt passed again to generate() only when some
+        # transformers 5.24 cuts the already-cached prefix off a prompt passed again to generate() only when some
         # layer is not "linear" (it cannot tell how many tokens a linear state has seen). Every zoo layer counts its
         # tokens (RecurrentStateLayer.seen_tokens), so the cut is always right: report no layer as linear.
         return [False] * len(self.layers)

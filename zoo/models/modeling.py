@@ -30,7 +30,7 @@ from zoo.registry import get_mixer
 _OUT_PROJ_SUFFIXES = ("out_proj.weight", "o_proj.weight", "mlp.w2.weight")
 
 #: The name under which the installed transformers hands the cache from generate() to ``forward`` and back:
-#: ``past_key_values`` up to 5.2x, ``cache`` in later releases. ``forward`` accepts both.
+#: ``past_key_values`` in transformers 5.5, ``cache`` in 5.24. ``forward`` accepts both.
 GENERATION_CACHE_KEY = (
     "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
     else "past_key_values"

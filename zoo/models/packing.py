@@ -66,11 +66,14 @@ def packed_cu_seqlens(
             raise ValueError("cu_seq_lens_k differs from cu_seq_lens_q; zoo models pack self-attention only, so they must be equal.")
     if max_length_q is not None and max_length_k is not None and int(max_length_q) != int(max_length_k):
         raise ValueError(f"max_length_q={max_length_q} differs from max_length_k={max_length_k}; they must be equal.")
+    for name, cu in (("cu_seqlens", cu_seqlens), ("cu_seq_lens_q", cu_seq_lens_q)):
+        if cu is not None and batch != 1:
+            raise ValueError(f"{name} packs sequences into one row; got batch size {batch}, expected 1.")
+    if torch.compiler.is_compiling() and all(v is None for v in (position_ids, cu_seq_lens_q, seq_idx)):
+        return cu_seqlens  # value checks would break the graph; eager runs make them
     given: list[tuple[str, torch.Tensor]] = []  # (name, int64 cu_seqlens over the flattened tokens)
     for name, cu in (("cu_seqlens", cu_seqlens), ("cu_seq_lens_q", cu_seq_lens_q)):
         if cu is not None:
-            if batch != 1:
-                raise ValueError(f"{name} packs sequences into one row; got batch size {batch}, expected 1.")
             given.append((name, _check_cu(cu, total, name)))
     if max_length_q is not None and given:
         cu = given[0][1]

@@ -13,7 +13,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from zoo.mixers.base import Mixer
-from zoo.nn import RMSNorm, Rotary, apply_rotary, seq_index
+from zoo.nn import RMSNorm, Rotary, apply_rotary, seq_ids, seq_index
 from zoo.registry import register_mixer
 
 
@@ -101,7 +101,7 @@ class Attention(Mixer):
             W, outs = self.window, []
             for s in range(0, L, W):
                 rows = qi[s : s + W]
-                k0, k1 = max(0, int(rows[0]) - W + 1), int(rows[-1]) + 1
+                k0, k1 = max(0, s + T - L - W + 1), min(s + W, L) + T - L  # keys of rows[0] - W + 1 .. rows[-1]
                 cols = torch.arange(k0, k1, device=x.device)
                 mask = self._mask(B, rows, cols, T, attention_mask, cu_seqlens)
                 outs.append(F.scaled_dot_product_attention(
@@ -124,9 +124,7 @@ class Attention(Mixer):
             mask = mask & (q - k < self.window)
         mask = mask[None, None].expand(B, 1, *mask.shape)
         if cu_seqlens is not None:
-            seg = torch.repeat_interleave(
-                torch.arange(len(cu_seqlens) - 1, device=qi.device), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-            )
+            seg = seq_ids(cu_seqlens, T)  # packed input has no cache: the T keys are the packed tokens
             mask = mask & (seg[qi][:, None] == seg[kj][None, :])[None, None]
         if attention_mask is not None:
             mask = mask & attention_mask[:, -T:][:, kj].bool()[:, None, None, :]

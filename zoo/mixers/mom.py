@@ -23,7 +23,7 @@ from torch import nn
 
 from zoo.kernels import chunk_delta_rule, chunk_gla
 from zoo.mixers.base import RecurrentMixer, State
-from zoo.nn import GatedRMSNorm, ShortConv, short_conv
+from zoo.nn import GatedRMSNorm, ShortConv, count_ids, seq_ids, short_conv
 from zoo.registry import register_mixer
 
 MEMORIES = ("gated_delta", "gla")
@@ -39,18 +39,20 @@ def _segment_conv(
     """
     R, E = rows.shape
     W1 = weight.shape[-1] - 1
-    counts = torch.bincount(seg, minlength=n_seg)
+    counts = count_ids(seg, n_seg)
     ext_len = counts + W1  # each segment is prefixed by its W-1 carried inputs
     ext_cu = F.pad(ext_len.cumsum(0), (1, 0))
-    ext_seg = torch.repeat_interleave(torch.arange(n_seg, device=rows.device), ext_len)
-    p = torch.arange(int(ext_cu[-1]), device=rows.device) - ext_cu[ext_seg]  # position inside the extended segment
+    total = R + n_seg * W1  # = ext_cu[-1], known from the shapes (no data-dependent size)
+    ext_seg = torch.repeat_interleave(torch.arange(n_seg, device=rows.device), ext_len, output_size=total)
+    p = torch.arange(total, device=rows.device) - ext_cu[ext_seg]  # position inside the extended segment
     row_cu = F.pad(counts.cumsum(0), (1, 0))
     src = torch.where(p < W1, R + ext_seg * W1 + p, row_cu[ext_seg] + p - W1)
     pool = torch.cat([rows, prev.to(rows.dtype).transpose(1, 2).reshape(n_seg * W1, E)])
     ext = pool[src]  # (R + n_seg * (W-1), E)
     y, _ = short_conv(ext[None], weight, bias, cu_seqlens=ext_cu)
     last = ext_cu[1:, None] - W1 + torch.arange(W1, device=rows.device)  # (n_seg, W-1)
-    return F.silu(y[0][p >= W1]), ext[last].transpose(1, 2)
+    own = torch.arange(R, device=rows.device) + (seg + 1) * W1  # where each row sits in ext (after its prefixes)
+    return F.silu(y[0][own]), ext[last].transpose(1, 2)
 
 
 @register_mixer("mom")
@@ -150,7 +152,7 @@ class MoM(RecurrentMixer):
     def _aux(self, probs: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
         """Switch load-balancing loss ``scale * M * sum_m f_m P_m`` (f: routed fraction, P: mean probability)."""
         M = self.n_memories
-        frac = torch.bincount(top_i.reshape(-1), minlength=M).float() / top_i.numel()
+        frac = count_ids(top_i.reshape(-1), M).float() / top_i.numel()
         return self.aux_loss_scale * M * (frac * probs.mean(0)).sum()
 
     # ----- the block interface -----------------------------------------------------------------------
@@ -174,14 +176,13 @@ class MoM(RecurrentMixer):
         dev = x.device
         H, K, M, S = self.n_heads, self.head_dim, self.n_memories, self.n_slots
         if cu_seqlens is not None:
-            cu = cu_seqlens.to(device=dev, dtype=torch.long)
-            N = cu.numel() - 1
-            seq = torch.repeat_interleave(torch.arange(N, device=dev), cu[1:] - cu[:-1])  # (L,)
-            if B != 1 or seq.numel() != L:
+            if B != 1:
                 raise ValueError(
-                    f"mom: cu_seqlens packs sequences into one row ending at L={L}; got B={B} and an end at "
-                    f"{int(cu[-1])}: flatten the batch to B=1 and make cu_seqlens end at L."
+                    f"mom: cu_seqlens packs sequences into one row ending at L={L}; got B={B}: flatten the batch to "
+                    "B=1 and make cu_seqlens end at L."
                 )
+            N = cu_seqlens.numel() - 1
+            seq = seq_ids(cu_seqlens.to(dev), L)  # (L,)
         else:
             N = B
             seq = torch.arange(B, device=dev).repeat_interleave(L)  # (B*L,)
@@ -210,7 +211,7 @@ class MoM(RecurrentMixer):
         q, conv_q = _segment_conv(self.q_proj(xr), seq_r, N, state["conv_q"], self.q_conv.weight, self.q_conv.bias)
         ct = torch.promote_types(x.dtype, torch.float32)
         q = F.normalize(q.unflatten(-1, (H, K)).to(ct), dim=-1).to(x.dtype)  # (R, H, K)
-        per_slot = torch.bincount(slot, minlength=S).tolist()
+        per_slot = count_ids(slot, S).tolist()  # data-dependent split sizes: the one graph break under compile
         kvs, gates, conv_kv = [], [], []
         for m, rows in enumerate(torch.split(tok_a, per_slot)):
             xm = xr[rows]
@@ -220,7 +221,7 @@ class MoM(RecurrentMixer):
             gates.append(F.linear(xm, self.gate_weight[m]))
             conv_kv.append(c)
         k, v, beta, g = self._memory_inputs(torch.cat(kvs), torch.cat(gates), slot)  # (A, H, K), (A, H)
-        cu_r = F.pad(torch.bincount(slot * N + seq_r[tok_a], minlength=S * N).cumsum(0), (1, 0))
+        cu_r = F.pad(count_ids(slot * N + seq_r[tok_a], S * N).cumsum(0), (1, 0))
         h0 = state["memory"].transpose(0, 1).reshape(S * N, H, K, K)  # sequences ordered memory-major
         kw = dict(initial_state=h0, output_final_state=return_state, cu_seqlens=cu_r, chunk_size=self.chunk_size,
                   backend=self.backend)

@@ -25,7 +25,7 @@ from torch import nn
 from zoo.kernels.gla import chunk_gla
 from zoo.kernels.gla.packing import packed_index, to_padded_batch
 from zoo.mixers.base import RecurrentMixer, State
-from zoo.nn import rotate_half, seq_index
+from zoo.nn import rotate_half, seq_ids, seq_index
 from zoo.registry import register_mixer
 
 MODES = ("chunk", "parallel")
@@ -125,8 +125,7 @@ class RetNet(RecurrentMixer):
         n = B if cu_seqlens is None else cu_seqlens.numel() - 1
         offset = state["pos"] if state is not None else torch.zeros(n, dtype=torch.long, device=x.device)
         if cu_seqlens is not None:
-            seq, _, _ = packed_index(cu_seqlens)
-            pos = (seq_index(cu_seqlens, L) + offset[seq])[None]  # (1, L)
+            pos = (seq_index(cu_seqlens, L) + offset[seq_ids(cu_seqlens, L)])[None]  # (1, L)
             counts = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         elif mask is not None:
             m = mask.to(torch.long)

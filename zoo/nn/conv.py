@@ -2,18 +2,53 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+def check(cond: torch.Tensor, message: str, detail: Callable[[], str] | None = None) -> None:
+    """Raise ``ValueError`` unless the 0-d bool tensor ``cond`` is true.
+
+    Eagerly the error is ``message`` followed by ``detail()`` (which may read tensor values). Under
+    ``torch.compile`` the check is an in-graph assertion (``torch._assert_async``: a RuntimeError with ``message``)
+    instead of a Python branch on tensor data, so it costs no graph break and no specialisation.
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(cond, message)
+    elif not bool(cond):
+        raise ValueError(message + (detail() if detail is not None else ""))
+
+
+def _check_cu(cu: torch.Tensor, total: int) -> None:
+    check(
+        (cu[0] == 0) & (cu[-1] == total) & (cu[1:] >= cu[:-1]).all(),
+        "cu_seqlens must rise from 0 to the number of packed tokens (non-decreasing); fix the cumulative lengths.",
+        lambda: f" Got {cu.tolist()} for {total} tokens.",
+    )
+
+
+def seq_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Index of the packed sequence every token belongs to, ``(total,)`` int64."""
+    cu = cu_seqlens.long()
+    _check_cu(cu, total)
+    n = cu.numel() - 1
+    return torch.repeat_interleave(torch.arange(n, device=cu.device), cu[1:] - cu[:-1], output_size=total)
+
+
 def seq_index(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Position of every packed token inside its own sequence, ``(total,)``."""
     cu = cu_seqlens.long()
-    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1])
-    if starts.numel() != total:
-        raise ValueError(f"cu_seqlens ends at {int(cu[-1])} but the packed input has {total} tokens; they must match.")
+    _check_cu(cu, total)
+    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=total)
     return torch.arange(total, device=cu.device) - starts
+
+
+def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """``torch.bincount(ids, minlength=n)`` for ids in ``[0, n)``, with a static ``(n,)`` shape (compiles)."""
+    return torch.zeros(n, dtype=torch.long, device=ids.device).index_add_(0, ids.long(), torch.ones_like(ids, dtype=torch.long))
 
 
 def short_conv(

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.nn.conv import count_ids
 from zoo.nn.mlp import SwiGLU
 
 
@@ -43,9 +44,9 @@ class MoE(nn.Module):
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
         flat = experts.reshape(-1)  # (N*k,) slot -> expert
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts)
+        counts = count_ids(flat, self.n_experts)
         out = torch.zeros_like(xf)
-        for e, slots in enumerate(order.split(counts.tolist())):
+        for e, slots in enumerate(order.split(counts.tolist())):  # data-dependent sizes: a graph break under compile
             if slots.numel():
                 tokens = slots // self.top_k
                 out.index_add_(0, tokens, self.experts[e](xf[tokens]) * weights.reshape(-1)[slots, None])

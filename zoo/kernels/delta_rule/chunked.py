@@ -36,12 +36,13 @@ def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
     return torch.cat([top, torch.cat([T21, T22], -1)], -2)
 
 
-def _chunk_layout(cu: torch.Tensor, chunk_size: int):
+def _chunk_layout(cu: torch.Tensor, chunk_size: int, total: int):
     """Index maps between packed tokens and chunk slots.
 
     Returns ``idx (Nc*C,)`` token index per slot (``T`` = a zero dummy row for padding slots), ``order``
     (sequences sorted by chunk count, descending) and ``counts[j]`` = sequences with more than j chunks.
     Chunks are ordered column by column: chunk j of every running sequence, then chunk j + 1.
+    ``total`` is the number of tokens (``cu[-1]``, passed from the shapes rather than read from the tensor).
     """
     lens = cu[1:] - cu[:-1]
     nch = (lens + chunk_size - 1) // chunk_size  # (N,)
@@ -52,7 +53,6 @@ def _chunk_layout(cu: torch.Tensor, chunk_size: int):
     j, r = running.nonzero(as_tuple=True)
     seq = order[r]
     pos = cu[seq, None] + j[:, None] * chunk_size + torch.arange(chunk_size, device=cu.device)  # (Nc, C)
-    total = int(cu[-1])
     idx = torch.where(pos < cu[seq + 1, None], pos, torch.full_like(pos, total)).reshape(-1)
     return idx, order, running.sum(1).tolist()
 
@@ -82,7 +82,7 @@ def chunk_delta_rule_torch(
         cu = cu_seqlens.to(device=dev, dtype=torch.long)
     if g is None:
         g = beta.new_zeros(beta.shape)
-    idx, order, counts = _chunk_layout(cu, C)
+    idx, order, counts = _chunk_layout(cu, C, B * L)
     Nc = idx.numel() // C
 
     def to_chunks(x: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,13 @@ from zoo.kernels.linear_scan.reference import compute_dtype
 Slab = Callable[[int], torch.Tensor]
 
 
+def _addcmul_into(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = x + a * s`` in place; under ``torch.compile`` as a copy (Dynamo cannot trace ``out=`` into a strided view)."""
+    if torch.compiler.is_compiling():
+        return out.copy_(torch.addcmul(x, a, s))
+    return torch.addcmul(x, a, s, out=out)
+
+
 def _chunk_size(L: int) -> int:
     """A divisor of L near sqrt(L) when there is one (no padding), else a power of two near sqrt(L)."""
     target = max(1, round(math.sqrt(L)))
@@ -76,17 +83,17 @@ def _two_pass(
         if s is None:
             s, P = b_c.clone(), a_c.resolve_conj().clone()
         else:
-            torch.addcmul(b_c, a_c, s, out=s)
+            _addcmul_into(b_c, a_c, s, s)
             P.mul_(a_c)
     chunks = list(range(n - 1, -1, -1) if reverse else range(n))
     carry = torch.empty_like(s)  # (B, n, D): the state entering each chunk
     carry[:, chunks[0]] = h0 if h0 is not None else 0
     for i, j in zip(chunks[:-1], chunks[1:]):
-        torch.addcmul(s[:, i], P[:, i], carry[:, i], out=carry[:, j])
+        _addcmul_into(s[:, i], P[:, i], carry[:, i], carry[:, j])
     state = torch.addcmul(s[:, chunks[-1]], P[:, chunks[-1]], carry[:, chunks[-1]])
     s = carry
     for c in order:
-        s = torch.addcmul(inp(c), decay(c), s, out=out[:, :, c])
+        s = _addcmul_into(inp(c), decay(c), s, out[:, :, c])
         if each is not None:
             each(c, s)
     return state
@@ -117,7 +124,11 @@ class _BlockedScan(torch.autograd.Function):
         g4, da4 = torch.empty_like(h4), torch.empty_like(h4)  # h4 is contiguous, so are these
 
         def grad_a(c: int, g: torch.Tensor) -> None:  # da_t = g_t * conj(h_prev)
-            torch.mul(g, _shifted(h4, c, -step, start).conj(), out=da4[:, :, c])
+            h_prev = _shifted(h4, c, -step, start).conj()
+            if torch.compiler.is_compiling():  # Dynamo cannot trace out= into a strided view
+                da4[:, :, c] = g * h_prev
+            else:
+                torch.mul(g, h_prev, out=da4[:, :, c])
 
         # g_t = dy_t + conj(a_{t+step}) g_{t+step}: the same scan in the other direction, seeded with dh_last
         decay = lambda c: _shifted(a4, c, step, ones).conj()  # noqa: E731

@@ -15,6 +15,13 @@ import torch.nn.functional as F
 from zoo.kernels.selective_scan.reference import compute_dtype, grouped, sequence_starts
 
 
+def _addcmul_into(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = x + a * s`` in place; under ``torch.compile`` as a copy (Dynamo cannot trace ``out=`` into a strided view)."""
+    if torch.compiler.is_compiling():
+        return out.copy_(torch.addcmul(x, a, s))
+    return torch.addcmul(x, a, s, out=out)
+
+
 def _scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Inclusive ``h_t = a_t h_{t-1} + b_t`` along dim 1 (``h_{-1} = 0``); dim 1 is a power of two."""
     if a.shape[1] == 1:
@@ -24,7 +31,7 @@ def _scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     h = torch.empty_like(b)
     h[:, 1::2] = odd
     h[:, 0] = b[:, 0]
-    torch.addcmul(b0[:, 1:], a0[:, 1:], odd[:, :-1], out=h[:, 2::2])
+    _addcmul_into(b0[:, 1:], a0[:, 1:], odd[:, :-1], h[:, 2::2])
     return h
 
 
@@ -37,7 +44,7 @@ def _reverse_scan(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     g = torch.empty_like(s)
     g[:, 0::2] = even
     g[:, -1] = s[:, -1]
-    torch.addcmul(s1[:, :-1], c1[:, :-1], even[:, 1:], out=g[:, 1:-1:2])
+    _addcmul_into(s1[:, :-1], c1[:, :-1], even[:, 1:], g[:, 1:-1:2])
     return g
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
-from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+from transformers.models.mamba2 import modeling_mamba2
 
 import zoo  # noqa: F401  (registers the zoo Auto classes)
 from zoo.convert import ConversionError, convert_checkpoint
@@ -23,7 +23,9 @@ def hf_mamba(tmp_path):
 
 # transformers before the fix normalises Mamba-2's gated norm over all groups at once; mamba_ssm (and zoo, and newer
 # transformers) normalise each group alone. With one group the two agree, so the old reference is used with one.
-HF_NORMS_PER_GROUP = "group_size" in inspect.signature(MambaRMSNormGated.__init__).parameters
+# (The class is private and was renamed MambaRMSNormGated -> Mamba2RMSNormGated in 5.25: look up either.)
+_HF_GATED_NORM = getattr(modeling_mamba2, "Mamba2RMSNormGated", None) or modeling_mamba2.MambaRMSNormGated
+HF_NORMS_PER_GROUP = "group_size" in inspect.signature(_HF_GATED_NORM.__init__).parameters
 
 
 def hf_mamba2(tmp_path):

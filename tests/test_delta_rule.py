@@ -139,9 +139,9 @@ def test_bad_inputs_raise_clear_errors():
         chunk_delta_rule(q, k, v, beta, g[..., None].expand(2, 8, 2, 16))
     with pytest.raises(ValueError, match="beta must be"):
         chunk_delta_rule(q, k, v, beta[..., 0])
-    with pytest.raises(ValueError, match="B must be 1"):
+    with pytest.raises(ValueError, match="batch size 1"):
         chunk_delta_rule(q, k, v, beta, cu_seqlens=torch.tensor([0, 8]))
-    with pytest.raises(ValueError, match="cu_seqlens must be"):
+    with pytest.raises(ValueError, match="cu_seqlens must rise"):
         chunk_delta_rule(q[:1], k[:1], v[:1], beta[:1], cu_seqlens=torch.tensor([0, 5, 3, 8]))
     with pytest.raises(ValueError, match="initial_state must be"):
         chunk_delta_rule(q, k, v, beta, initial_state=torch.zeros(1, 2, 16, 16))

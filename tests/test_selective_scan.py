@@ -197,7 +197,7 @@ def test_bad_input_is_rejected():
         selective_scan(*args[:3], args[3][..., :4], args[4])
     with pytest.raises(ValueError, match="groups"):
         selective_scan(*args[:3], torch.randn(2, 3, 3, 5, dtype=F64), torch.randn(2, 3, 3, 5, dtype=F64))
-    with pytest.raises(ValueError, match="batch 1"):
+    with pytest.raises(ValueError, match="batch size 1"):
         selective_scan(*args, cu_seqlens=torch.tensor([0, 2, 5]))
     with pytest.raises(ValueError, match="unknown backend"):
         selective_scan(*args, backend="cudnn")

@@ -13,7 +13,8 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from zoo.mixers.base import Mixer
-from zoo.nn import RMSNorm, Rotary, apply_rotary, seq_ids, seq_index
+from zoo.nn import RMSNorm, Rotary, apply_rotary
+from zoo.packing import seq_ids, seq_index
 from zoo.registry import register_mixer
 
 

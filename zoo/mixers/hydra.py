@@ -15,7 +15,8 @@ from torch import nn
 from zoo import kernels
 from zoo.mixers.base import Mixer
 from zoo.mixers.mamba2 import inverse_softplus_dt
-from zoo.nn import GatedRMSNorm, seq_ids, seq_index
+from zoo.nn import GatedRMSNorm
+from zoo.packing import seq_ids, seq_index, seq_lengths
 from zoo.registry import register_mixer
 
 
@@ -23,8 +24,7 @@ def _positions(L: int, cu_seqlens: torch.Tensor | None, device: torch.device) ->
     """Each token's position in its own sequence and that sequence's length, both ``(L,)``."""
     if cu_seqlens is None:
         return torch.arange(L, device=device), torch.full((L,), L, device=device)
-    n = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    return seq_index(cu_seqlens, L), n[seq_ids(cu_seqlens, L)]
+    return seq_index(cu_seqlens, L), seq_lengths(cu_seqlens)[seq_ids(cu_seqlens, L)]
 
 
 @register_mixer("hydra")

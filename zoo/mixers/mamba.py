@@ -21,6 +21,7 @@ from torch import nn
 from zoo.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
 from zoo.kernels.selective_scan import selective_scan, selective_state_update
 from zoo.mixers.base import RecurrentMixer, State
+from zoo.packing import last_inputs
 from zoo.registry import register_mixer
 
 
@@ -133,20 +134,8 @@ class Mamba(RecurrentMixer):
         y = self.out_proj(y.transpose(1, 2).to(x.dtype))  # (B, L, D)
         if not return_state:
             return y, None
-        return y, {"conv": self._conv_state(prev, conv_in, mask).to(x.dtype), "ssm": ssm}
-
-    def _conv_state(self, prev: torch.Tensor | None, conv_in: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """The last ``d_conv - 1`` real conv inputs, ``(B, E, d_conv - 1)``."""
-        Bsz, E, L = conv_in.shape
-        W1 = self.d_conv - 1
-        prev = conv_in.new_zeros(Bsz, E, W1) if prev is None else prev.to(conv_in.dtype)
-        full = torch.cat([prev, conv_in], dim=-1)  # (B, E, W1 + L)
-        if mask is None:
-            return full[..., L:]
-        keep = torch.cat([mask.new_ones(Bsz, W1, dtype=torch.bool), mask.bool()], dim=1)
-        # A stable sort puts the real inputs last in their order; the last W1 of them are the state.
-        idx = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, -W1:]
-        return torch.gather(full, 2, idx[:, None, :].expand(Bsz, E, W1))
+        conv = last_inputs(xs, self.d_conv - 1, prev=prev, mask=mask)  # xs: padded inputs are zeros here too
+        return y, {"conv": conv.to(x.dtype), "ssm": ssm}
 
     def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One token ``x (B, D)`` -> ``y (B, D)`` and the new state."""

@@ -17,6 +17,7 @@ from torch import nn
 from zoo import kernels
 from zoo.mixers.base import RecurrentMixer, State
 from zoo.nn import GatedRMSNorm
+from zoo.packing import last_inputs
 from zoo.registry import register_mixer
 
 
@@ -24,28 +25,6 @@ def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: flo
     """A bias b with ``softplus(b) = dt``, dt log-uniform in ``[dt_min, dt_max]`` and floored (Mamba's dt init)."""
     dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
     return dt + torch.log(-torch.expm1(-dt))
-
-
-def last_inputs(x: torch.Tensor, width: int, *, prev: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """Conv state after ``x (B, L, E)``: the last ``width`` real inputs as ``(B|N, E, width)``, zeros in front.
-
-    ``prev (B, E, width)`` is the carried-in state; ``mask (B, L)`` skips padded tokens; with ``cu_seqlens``
-    (B == 1) one state per packed sequence, none reaching across a sequence start.
-    """
-    B, L, E = x.shape
-    if cu_seqlens is not None:
-        ends = cu_seqlens[1:].long()  # (N,)
-        idx = ends[:, None] - width + torch.arange(width, device=x.device)  # (N, width)
-        valid = idx >= cu_seqlens[:-1].long()[:, None]
-        out = x[0][idx.clamp(min=0)] * valid[..., None].to(x.dtype)  # (N, width, E)
-        return out.transpose(1, 2)
-    full = torch.cat([prev.to(x.dtype) if prev is not None else x.new_zeros(B, E, width), x.transpose(1, 2)], dim=-1)
-    if mask is None:
-        return full[..., full.shape[-1] - width :]
-    keep = torch.cat([torch.ones(B, width, dtype=torch.bool, device=x.device), mask.bool()], dim=1)
-    order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices[:, keep.shape[1] - width :]  # real ones last
-    return torch.gather(full, 2, order[:, None, :].expand(B, E, width))
 
 
 @register_mixer("mamba2")

@@ -23,7 +23,9 @@ from torch import nn
 
 from zoo.kernels import chunk_delta_rule, chunk_gla
 from zoo.mixers.base import RecurrentMixer, State
-from zoo.nn import GatedRMSNorm, ShortConv, count_ids, seq_ids, short_conv
+from zoo.kernels.causal_conv1d import causal_conv1d
+from zoo.nn import GatedRMSNorm, ShortConv
+from zoo.packing import count_ids, seq_ids
 from zoo.registry import register_mixer
 
 MEMORIES = ("gated_delta", "gla")
@@ -49,10 +51,10 @@ def _segment_conv(
     src = torch.where(p < W1, R + ext_seg * W1 + p, row_cu[ext_seg] + p - W1)
     pool = torch.cat([rows, prev.to(rows.dtype).transpose(1, 2).reshape(n_seg * W1, E)])
     ext = pool[src]  # (R + n_seg * (W-1), E)
-    y, _ = short_conv(ext[None], weight, bias, cu_seqlens=ext_cu)
+    y = causal_conv1d(ext.T[None], weight, bias, "silu", cu_seqlens=ext_cu)[0].T  # (R + n_seg * (W-1), E)
     last = ext_cu[1:, None] - W1 + torch.arange(W1, device=rows.device)  # (n_seg, W-1)
     own = torch.arange(R, device=rows.device) + (seg + 1) * W1  # where each row sits in ext (after its prefixes)
-    return F.silu(y[0][own]), ext[last].transpose(1, 2)
+    return y[own], ext[last].transpose(1, 2)
 
 
 @register_mixer("mom")

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.kernels.gla import chunk_gla
-from zoo.kernels.gla.packing import packed_index, to_padded_batch
 from zoo.mixers.base import RecurrentMixer, State
-from zoo.nn import rotate_half, seq_ids, seq_index
+from zoo.nn import rotate_half
+from zoo.packing import from_padded_batch, packed_index, seq_ids, seq_index, to_padded_batch
 from zoo.registry import register_mixer
 
 MODES = ("chunk", "parallel")
@@ -157,7 +157,7 @@ class RetNet(RecurrentMixer):
             seq, p, lmax = packed_index(cu_seqlens)
             n = cu_seqlens.numel() - 1
             o, S = self._parallel(*(to_padded_batch(t, seq, p, n, lmax) for t in (q, k, v, g)), S0, None)
-            return o[seq, p][None], S  # (1, L, H, d_v)
+            return from_padded_batch(o, seq, p), S  # (1, L, H, d_v)
         ct = torch.promote_types(q.dtype, torch.float32)
         q, k, v, G = q.to(ct), k.to(ct), v.to(ct), g.to(ct).cumsum(1)  # G (B, L, H)
         L = q.shape[1]

@@ -22,7 +22,7 @@ from transformers.modeling_outputs import (
 
 from zoo.models.cache import ZooCache
 from zoo.models.configuration import ZooConfig
-from zoo.models.packing import packed_cu_seqlens
+from zoo.packing import packed_cu_seqlens
 from zoo.nn import RMSNorm
 from zoo.nn.mlp import build_mlp
 from zoo.registry import get_mixer

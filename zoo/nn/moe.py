@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.nn.conv import count_ids
+from zoo.packing import count_ids
 from zoo.nn.mlp import SwiGLU
 
 

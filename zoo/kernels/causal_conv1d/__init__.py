@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.kernels._dispatch import resolve_backend
+from zoo.packing import seq_index, validate_cu_seqlens
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
 
@@ -15,19 +16,12 @@ _ACTIVATIONS = (None, "silu", "swish")
 def _check_weight(weight: torch.Tensor, E: int, bias: torch.Tensor | None, activation: str | None, op: str) -> None:
     if weight.dim() != 2 or weight.shape[0] != E:
         raise ValueError(f"{op}: weight must be (E, W) with E={E} channels; got {tuple(weight.shape)}.")
-    if not 2 <= weight.shape[1] <= 4:
-        raise ValueError(f"{op}: conv width {weight.shape[1]} is not supported; use a width between 2 and 4 (as causal-conv1d).")
+    if weight.shape[1] < 1:
+        raise ValueError(f"{op}: conv width must be at least 1; got weight {tuple(weight.shape)}.")
     if bias is not None and tuple(bias.shape) != (E,):
         raise ValueError(f"{op}: bias must be ({E},); got {tuple(bias.shape)}.")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"{op}: activation must be None, 'silu' or 'swish'; got {activation!r}.")
-
-
-def _positions(cu_seqlens: torch.Tensor, L: int) -> torch.Tensor:
-    """Each packed token's position inside its own sequence, ``(L,)`` int32."""
-    cu = cu_seqlens.long()
-    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1])
-    return (torch.arange(L, device=cu.device) - starts).to(torch.int32)
 
 
 def _conv_torch(x, weight, bias, silu, initial_states, pos):
@@ -79,11 +73,14 @@ def causal_conv1d(
                 "causal_conv1d: cu_seqlens needs packed input with batch 1 and no initial_states / return_final_states; "
                 "run the sequences as a batch to carry states."
             )
-        if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != L:
-            raise ValueError(f"causal_conv1d: cu_seqlens must be (S+1,) from 0 to L={L}; got {cu_seqlens.tolist()}.")
-        pos = _positions(cu_seqlens, L)
+        validate_cu_seqlens(cu_seqlens, L, op="causal_conv1d")
+        pos = seq_index(cu_seqlens, L).to(torch.int32)
     silu = activation is not None
+    if backend is None and not 2 <= W <= 4:
+        backend = "torch"  # the fused kernels take widths 2 to 4; any other width runs in torch
     backend = resolve_backend(backend, x, op="causal_conv1d", cuda_package="causal_conv1d")
+    if backend != "torch" and not 2 <= W <= 4:
+        raise ValueError(f"causal_conv1d: the {backend!r} backend takes conv widths 2 to 4, got {W}; use backend='torch'.")
     if backend == "torch":
         out = _conv_torch(x, weight, bias, silu, initial_states, pos)
     elif backend == "triton":
@@ -124,5 +121,6 @@ def causal_conv1d_update(
     if tuple(conv_state.shape) != (Bsz, E, W - 1):
         raise ValueError(f"causal_conv1d_update: conv_state must be (B, E, W-1) = {(Bsz, E, W - 1)}; got {tuple(conv_state.shape)}.")
     out = _conv_torch(xs, weight, bias, activation is not None, conv_state, None)
-    new_state = torch.cat([conv_state.to(xs.dtype), xs], dim=-1)[..., -(W - 1):]
+    full = torch.cat([conv_state.to(xs.dtype), xs], dim=-1)
+    new_state = full[..., full.shape[-1] - (W - 1) :]  # the last W-1 inputs
     return (out[..., 0] if single else out), new_state.to(conv_state.dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from zoo.kernels._dispatch import resolve_backend
+from zoo.packing import validate_cu_seqlens
 from zoo.kernels.delta_rule.chunked import chunk_delta_rule_torch
 from zoo.kernels.delta_rule.reference import delta_rule_reference
 
@@ -28,12 +29,8 @@ def _check(q, k, v, beta, g, initial_state, cu_seqlens, chunk_size) -> None:
         raise ValueError(f"chunk_delta_rule: chunk_size must be a positive integer, got {chunk_size}.")
     N = B
     if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"chunk_delta_rule: cu_seqlens packs sequences into one row, so B must be 1; got B={B}.")
-        cu = cu_seqlens.tolist()
-        if cu_seqlens.dim() != 1 or len(cu) < 2 or cu[0] != 0 or cu[-1] != L or any(b < a for a, b in zip(cu, cu[1:])):
-            raise ValueError(f"chunk_delta_rule: cu_seqlens must be non-decreasing from 0 to L={L}; got {cu}.")
-        N = len(cu) - 1
+        validate_cu_seqlens(cu_seqlens, L, op="chunk_delta_rule", batch=B)
+        N = cu_seqlens.numel() - 1
     if initial_state is not None and initial_state.shape != (N, H, K, v.shape[-1]):
         raise ValueError(
             f"chunk_delta_rule: initial_state must be (N, H, K, V) = {(N, H, K, v.shape[-1])} with N the number of "

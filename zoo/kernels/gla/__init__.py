@@ -14,7 +14,7 @@ import torch
 
 from zoo.kernels._dispatch import resolve_backend
 from zoo.kernels.gla.chunked import gla_chunked
-from zoo.kernels.gla.packing import packed_index, to_padded_batch
+from zoo.packing import from_padded_batch, packed_index, to_padded_batch, validate_cu_seqlens
 
 __all__ = ["chunk_gla"]
 
@@ -34,12 +34,7 @@ def _check(q, k, v, g, initial_state, cu_seqlens, chunk_size) -> None:
         raise ValueError(f"chunk_gla: chunk_size must be a positive int, got {chunk_size!r}.")
     n = B
     if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"chunk_gla: packed input (cu_seqlens) must have batch size 1, got {B}; concatenate the sequences into one row.")
-        if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != L:
-            raise ValueError(f"chunk_gla: cu_seqlens must be 1-D, start at 0 and end at L={L}; got {cu_seqlens.tolist()}.")
-        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise ValueError("chunk_gla: cu_seqlens must be non-decreasing.")
+        validate_cu_seqlens(cu_seqlens, L, op="chunk_gla", batch=B)
         n = cu_seqlens.numel() - 1
     if initial_state is not None and tuple(initial_state.shape) != (n, H, K, v.shape[-1]):
         raise ValueError(
@@ -88,5 +83,5 @@ def chunk_gla(
     else:
         o, final = gla_chunked(q, k, v, g, scale=scale, initial_state=initial_state, chunk_size=chunk_size)
     if packed:
-        o = o[seq, pos][None]  # (1, L, H, V)
+        o = from_padded_batch(o, seq, pos)  # (1, L, H, V)
     return o.to(v.dtype), (final if output_final_state else None)

@@ -11,6 +11,7 @@ import torch
 from zoo.kernels._dispatch import resolve_backend
 from zoo.kernels.linear_scan.chunked import linear_scan_chunked
 from zoo.kernels.linear_scan.reference import linear_scan_ref
+from zoo.packing import seq_lengths, validate_cu_seqlens
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
 
@@ -41,14 +42,8 @@ def _check(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None, cu_seqlens
     B, L, D = a.shape
     rows = B
     if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError(f"linear_scan: cu_seqlens needs packed input with batch 1, got batch {B}; flatten the batch into one row.")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
-            raise ValueError("linear_scan: cu_seqlens must be a 1-D integer tensor (N + 1,) of cumulative sequence starts.")
-        cu = cu_seqlens.tolist()
-        if cu[0] != 0 or cu[-1] != L or any(e <= s for s, e in zip(cu[:-1], cu[1:])):
-            raise ValueError(f"linear_scan: cu_seqlens must rise strictly from 0 to L={L} (no empty sequences); got {cu}.")
-        rows = len(cu) - 1
+        validate_cu_seqlens(cu_seqlens, L, op="linear_scan", batch=B)
+        rows = cu_seqlens.numel() - 1
     if h0 is not None:
         if h0.shape != (rows, D):
             what = "(N, D) with N sequences in cu_seqlens" if cu_seqlens is not None else "(B, D)"
@@ -78,6 +73,15 @@ def linear_scan(
     """
     _check(a, b, h0, cu_seqlens)
     backend = resolve_backend(backend, a, op="linear_scan")
+    if cu_seqlens is not None and not torch.compiler.is_compiling():
+        nonempty = seq_lengths(cu_seqlens) > 0
+        if not bool(nonempty.all()):  # empty documents: scan the others; an empty one's final state is its h0
+            cu = cu_seqlens.long()
+            kept = torch.nonzero(nonempty).flatten()
+            h, last = linear_scan(a, b, None if h0 is None else h0[kept], reverse=reverse,
+                                  cu_seqlens=torch.cat([cu[:1], cu[1:][nonempty]]), backend=backend)
+            base = h0.to(last.dtype) if h0 is not None else last.new_zeros(cu.numel() - 1, last.shape[-1])
+            return h, base.index_copy(0, kept, last)
     if backend == "triton":
         from zoo.kernels.linear_scan.triton import linear_scan_triton
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from zoo.kernels._dispatch import resolve_backend
+from zoo.packing import validate_cu_seqlens
 from zoo.kernels.selective_scan.reference import selective_state_update
 
 __all__ = ["selective_scan", "selective_state_update"]
@@ -31,15 +32,12 @@ def _check(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, retur
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"selective_scan: {name} must have shape {shape}; got {tuple(t.shape)}.")
     if cu_seqlens is not None:
-        if Bsz != 1:
-            raise ValueError(f"selective_scan: cu_seqlens needs packed input with batch 1; got batch {Bsz}.")
         if initial_state is not None or return_last_state:
             raise ValueError(
                 "selective_scan: initial_state / return_last_state are per batch row and cannot be combined with "
                 "cu_seqlens; scan the sequences separately (batched) to carry states."
             )
-        if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != L:
-            raise ValueError(f"selective_scan: cu_seqlens must be (N+1,) from 0 to L={L}; got {cu_seqlens.tolist()}.")
+        validate_cu_seqlens(cu_seqlens, L, op="selective_scan", batch=Bsz)
 
 
 def selective_scan(

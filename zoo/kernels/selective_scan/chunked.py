@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from zoo.kernels.selective_scan.reference import compute_dtype, grouped, sequence_starts
+from zoo.kernels.selective_scan.reference import compute_dtype, grouped
+from zoo.packing import sequence_starts
 
 
 def _addcmul_into(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

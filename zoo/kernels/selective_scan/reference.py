@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo.packing import sequence_starts
+
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """float64 for float64 inputs, float32 otherwise (half-precision inputs accumulate in float32)."""
@@ -18,13 +20,6 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 def grouped(BC: torch.Tensor) -> torch.Tensor:
     """``(B, N, L)`` -> ``(B, 1, N, L)``; ``(B, G, N, L)`` unchanged."""
     return BC[:, None] if BC.dim() == 3 else BC
-
-
-def sequence_starts(cu_seqlens: torch.Tensor, L: int) -> torch.Tensor:
-    """``(L,)`` bool, True where a packed sequence starts."""
-    starts = torch.zeros(L, dtype=torch.bool, device=cu_seqlens.device)
-    starts[cu_seqlens[:-1].long().clamp(max=L - 1)] = True
-    return starts
 
 
 def selective_scan_ref(

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from zoo.kernels.selective_scan.reference import grouped, sequence_starts
+from zoo.kernels.selective_scan.reference import grouped
+from zoo.packing import sequence_starts
 
 
 @triton.jit

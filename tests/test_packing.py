@@ -18,7 +18,14 @@ from zoo.kernels.gla import chunk_gla
 from zoo.kernels.linear_scan import linear_scan
 from zoo.kernels.selective_scan import selective_scan
 from zoo.kernels.ssd import ssd
-from zoo.packing import last_inputs, packed_cu_seqlens, seq_ids, seq_index, sequence_starts, validate_cu_seqlens
+from zoo.packing import (
+    last_inputs,
+    packed_cu_seqlens,
+    seq_ids,
+    seq_index,
+    sequence_starts,
+    validate_cu_seqlens,
+)
 
 F64 = torch.float64
 PLAIN = torch.tensor([0, 3, 7, 12])

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.kernels import chunk_delta_rule, chunk_gla
-from zoo.mixers.base import RecurrentMixer, State
 from zoo.kernels.causal_conv1d import causal_conv1d
+from zoo.mixers.base import RecurrentMixer, State
 from zoo.nn import GatedRMSNorm, ShortConv
 from zoo.packing import count_ids, seq_ids
 from zoo.registry import register_mixer

@@ -22,9 +22,9 @@ from transformers.modeling_outputs import (
 
 from zoo.models.cache import ZooCache
 from zoo.models.configuration import ZooConfig
-from zoo.packing import packed_cu_seqlens
 from zoo.nn import RMSNorm
 from zoo.nn.mlp import build_mlp
+from zoo.packing import packed_cu_seqlens
 from zoo.registry import get_mixer
 
 _OUT_PROJ_SUFFIXES = ("out_proj.weight", "o_proj.weight", "mlp.w2.weight")

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.packing import count_ids
 from zoo.nn.mlp import SwiGLU
+from zoo.packing import count_ids
 
 
 class MoE(nn.Module):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from zoo.kernels._dispatch import resolve_backend
-from zoo.packing import validate_cu_seqlens
 from zoo.kernels.delta_rule.chunked import chunk_delta_rule_torch
 from zoo.kernels.delta_rule.reference import delta_rule_reference
+from zoo.packing import validate_cu_seqlens
 
 __all__ = ["chunk_delta_rule", "delta_rule_reference"]
 

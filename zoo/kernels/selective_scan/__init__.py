@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from zoo.kernels._dispatch import resolve_backend
-from zoo.packing import validate_cu_seqlens
 from zoo.kernels.selective_scan.reference import selective_state_update
+from zoo.packing import validate_cu_seqlens
 
 __all__ = ["selective_scan", "selective_state_update"]
 

@@ -14,3 +14,78 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# ----- shared property checks (one copy, used by the per-mixer and hybrid tests) --------------------------------
+# Small settings so every property runs in seconds; a mixer not listed runs with its defaults.
+SMALL = {
+    "attention": {"n_heads": 4},
+    "mamba": {"d_state": 8},
+    "mamba2": {"d_state": 16, "headdim": 8, "chunk_size": 8},
+    "hydra": {"d_state": 16, "headdim": 8},
+    "s4": {"d_state": 16},
+    "mom": {"n_heads": 2, "head_dim": 16},
+    "retnet": {"n_heads": 2},
+}
+
+
+def small_kwargs(name: str, table: dict | None = None, **extra) -> dict:
+    """``table``'s (default SMALL) settings for mixer ``name`` plus ``extra``, keeping only keys the mixer takes."""
+    import zoo
+    from zoo.config import mixer_schema
+
+    schema = mixer_schema(zoo.get_mixer(name))
+    return {k: v for k, v in {**(SMALL if table is None else table).get(name, {}), **extra}.items() if k in schema}
+
+
+def small_hybrid_config(name: str, *, vocab: int, d_model: int, overrides=(), n_layers: int | None = None,
+                        max_listed_layers: int | None = None):
+    """configs/NAME.yaml shrunk to a tiny width (attention 4 heads, windows of 5, MoM head_dim 16): a ZooConfig.
+
+    ``n_layers`` replaces a pattern config's depth; ``max_listed_layers`` cuts an explicit ``layers:`` list.
+    """
+    from zoo.config import apply_overrides, read_yaml, validate_model
+
+    data = read_yaml(f"configs/{name}.yaml")
+    shrink = [f"model.vocab_size={vocab}", f"model.d_model={d_model}"]
+    mixers = data["model"].get("mixers", {})
+    if "attention" in mixers:
+        shrink.append("model.mixers.attention.n_heads=4")
+        if mixers["attention"].get("window"):
+            shrink.append("model.mixers.attention.window=5")
+    if "mom" in mixers:
+        shrink.append("model.mixers.mom.head_dim=16")
+    if n_layers is not None and "n_layers" in data["model"]:
+        shrink.append(f"model.n_layers={n_layers}")
+    if max_listed_layers is not None and "layers" in data["model"]:
+        data["model"]["layers"] = data["model"]["layers"][:max_listed_layers]
+    return validate_model(apply_overrides(data, [*shrink, *overrides])["model"])
+
+
+def assert_decode_matches_forward(model, x: torch.Tensor, prefill: int, *, rtol=1e-3, atol=1e-4) -> None:
+    """Prefill ``x[:, :prefill]`` into a cache, then decode token by token: the logits equal the full forward."""
+    with torch.no_grad():
+        full = model(x).logits
+        cache = model.new_cache()
+        out = [model(x[:, :prefill], past_key_values=cache, use_cache=True).logits]
+        out += [model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(prefill, x.shape[1])]
+    torch.testing.assert_close(torch.cat(out, 1), full, rtol=rtol, atol=atol)
+
+
+def assert_chunked_prefill_matches_forward(model, x: torch.Tensor, bounds, *, rtol=1e-3, atol=1e-4) -> None:
+    """Prefill ``x`` in the chunks ``[(a, b), ...]`` into one cache: the logits equal the full forward."""
+    with torch.no_grad():
+        full = model(x).logits
+        cache = model.new_cache()
+        parts = [model(x[:, a:b], past_key_values=cache, use_cache=True).logits for a, b in bounds]
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=rtol, atol=atol)
+
+
+def assert_long_bf16_finite(module, d_model: int, length: int = 16384) -> None:
+    """A bf16 module on one long random sequence: finite outputs and finite gradients of input and parameters."""
+    x = torch.randn(1, length, d_model, dtype=torch.bfloat16, requires_grad=True)
+    y = module(x)
+    y = y[0] if isinstance(y, tuple) else y
+    y.float().square().mean().backward()
+    assert torch.isfinite(y.float()).all() and torch.isfinite(x.grad.float()).all()
+    assert all(torch.isfinite(p.grad.float()).all() for p in module.parameters() if p.grad is not None)

@@ -2,28 +2,13 @@
 
 import pytest
 import torch
+from conftest import assert_decode_matches_forward, small_kwargs
 from transformers import AutoModelForCausalLM
 
 import zoo
-from zoo.config import mixer_schema
 from zoo.models import ZooConfig, ZooForCausalLM
 
 V, D = 61, 32
-# Small settings so every property runs in seconds; a mixer not listed runs with its defaults at D=32.
-SMALL = {
-    "attention": {"n_heads": 4},
-    "mamba": {"d_state": 8},
-    "mamba2": {"d_state": 16, "headdim": 8, "chunk_size": 8},
-    "hydra": {"d_state": 16, "headdim": 8},
-    "s4": {"d_state": 16},
-    "mom": {"n_heads": 2, "head_dim": 16},
-    "retnet": {"n_heads": 2},
-}
-
-
-def small_kwargs(name):
-    schema = mixer_schema(zoo.get_mixer(name))
-    return {k: v for k, v in SMALL.get(name, {}).items() if k in schema}
 
 
 def causal_mixers():
@@ -36,7 +21,7 @@ def bidirectional_mixers():
 
 def make(name, *, n_layers=2, seed=0, **extra):
     cfg = ZooConfig(vocab_size=V, d_model=D, n_layers=n_layers, pattern=[name],
-                    mixers={name: {**small_kwargs(name), **extra}}, mlp="swiglu")
+                    mixers={name: small_kwargs(name, **extra)}, mlp="swiglu")
     torch.manual_seed(seed)
     return ZooForCausalLM(cfg).eval()
 
@@ -62,14 +47,7 @@ def test_save_load_round_trip_gives_identical_logits(name, tmp_path):
 
 @pytest.mark.parametrize("name", causal_mixers())
 def test_decode_after_prefill_matches_full_forward(name):
-    model = make(name)
-    x = torch.randint(0, V, (2, 13))
-    with torch.no_grad():
-        full = model(x).logits
-        cache = model.new_cache()
-        out = [model(x[:, :6], past_key_values=cache, use_cache=True).logits]
-        out += [model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(6, 13)]
-    torch.testing.assert_close(torch.cat(out, 1), full, rtol=1e-3, atol=1e-4)
+    assert_decode_matches_forward(make(name), torch.randint(0, V, (2, 13)), prefill=6)
 
 
 @pytest.mark.parametrize("name", causal_mixers())

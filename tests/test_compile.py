@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import small_hybrid_config
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import zoo
-from zoo.config import apply_overrides, mixer_schema, read_yaml, validate_model
+from zoo.config import mixer_schema, read_yaml
 from zoo.models import ZooConfig, ZooForCausalLM, ZooForSequenceClassification
 
 V, D = 61, 32
@@ -78,23 +79,10 @@ def make(case: str, *, n_layers: int = 1):
 
 
 def small_hybrid(config: str):
-    data = read_yaml(f"configs/{config}.yaml")
-    shrink = [f"model.vocab_size={V}", f"model.d_model={D}"]
-    mixers = data["model"].get("mixers", {})
-    if "attention" in mixers:
-        shrink.append("model.mixers.attention.n_heads=4")
-        if mixers["attention"].get("window"):
-            shrink.append("model.mixers.attention.window=5")
-    if "mamba" in mixers:
-        shrink.append("model.mixers.mamba.d_state=8")
-    if "mom" in mixers:
-        shrink.append("model.mixers.mom.head_dim=16")
-    if "n_layers" in data["model"]:
-        shrink.append("model.n_layers=2")
-    if "layers" in data["model"]:
-        data["model"]["layers"] = data["model"]["layers"][:5]  # jamba: mamba + moe MLP, and the attention layer
-    shrink.append("model.tie_word_embeddings=false")
-    return _build(validate_model(apply_overrides(data, shrink)["model"]))
+    mamba = "mamba" in read_yaml(f"configs/{config}.yaml")["model"].get("mixers", {})
+    over = ["model.tie_word_embeddings=false", *(["model.mixers.mamba.d_state=8"] if mamba else [])]
+    # jamba: its first 5 listed layers hold mamba + the moe MLP, and the attention layer
+    return _build(small_hybrid_config(config, vocab=V, d_model=D, overrides=over, n_layers=2, max_listed_layers=5))
 
 
 @pytest.fixture(autouse=True)

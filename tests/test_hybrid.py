@@ -2,9 +2,14 @@
 
 import pytest
 import torch
+from conftest import (
+    assert_chunked_prefill_matches_forward,
+    assert_decode_matches_forward,
+    small_hybrid_config,
+)
 
 import zoo
-from zoo.config import apply_overrides, read_yaml, validate_model
+from zoo.config import validate_model
 from zoo.data.passkey import evaluate_passkey, make_passkey_example
 from zoo.data.tokenizer import ByteTokenizer
 from zoo.models import GENERATION_CACHE_KEY, ZooConfig, ZooForCausalLM
@@ -15,43 +20,24 @@ V = 67
 
 
 def small_hybrid(name, seed=0):
-    data = read_yaml(f"configs/{name}.yaml")
-    shrink = ["model.vocab_size=67", "model.d_model=32"]
-    mixers = data["model"].get("mixers", {})
-    if "attention" in mixers:
-        shrink.append("model.mixers.attention.n_heads=4")
-        if mixers["attention"].get("window"):
-            shrink.append("model.mixers.attention.window=5")
-    if "mom" in mixers:
-        shrink += ["model.mixers.mom.head_dim=16"]
-    cfg = validate_model(apply_overrides(data, shrink)["model"])
+    cfg = small_hybrid_config(name, vocab=V, d_model=32)
     torch.manual_seed(seed)
     return ZooForCausalLM(cfg).eval()
 
 
 @pytest.mark.parametrize("name", HYBRIDS)
 def test_hybrid_decode_after_prefill_matches_full_forward(name):
-    model = small_hybrid(name)
-    x = torch.randint(0, V, (2, 12))
-    with torch.no_grad():
-        full = model(x).logits
-        cache = model.new_cache()
-        out = [model(x[:, :5], past_key_values=cache, use_cache=True).logits]
-        out += [model(x[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(5, 12)]
-    torch.testing.assert_close(torch.cat(out, 1), full, rtol=1e-3, atol=1e-4)
+    assert_decode_matches_forward(small_hybrid(name), torch.randint(0, V, (2, 12)), prefill=5)
 
 
 @pytest.mark.parametrize("name", HYBRIDS)
 def test_hybrid_chunked_prefill_equals_one_shot(name):
     model = small_hybrid(name)
     x = torch.randint(0, V, (1, 23))
+    assert_chunked_prefill_matches_forward(model, x, [(0, 9), (9, 16), (16, 23)])
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        full = model(x).logits
-        cache = model.new_cache()
-        parts = [model(x[:, a:b], past_key_values=cache, use_cache=True).logits for a, b in [(0, 9), (9, 16), (16, 23)]]
-        kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
         assert torch.equal(model.generate(x, **kw), model.generate(x, prefill_chunk_size=4, **kw))
-    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["samba", "jamba"])

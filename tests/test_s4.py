@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import assert_long_bf16_finite
 
 from zoo.kernels import fft_conv
 from zoo.kernels.fft_conv import fft_conv_ref
@@ -232,12 +233,7 @@ def test_bidirectional_is_a_two_sided_convolution():
 # ----- bf16 long sequences -----------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["s4d", "dplr"])
 def test_long_sequence_bf16_is_finite(mode):
-    m = S4(4, d_state=16, mode=mode).to(torch.bfloat16)
-    x = torch.randn(1, 16384, 4, dtype=torch.bfloat16, requires_grad=True)
-    y = m(x)
-    y.float().square().mean().backward()
-    assert torch.isfinite(y.float()).all() and torch.isfinite(x.grad.float()).all()
-    assert all(torch.isfinite(p.grad.float()).all() for p in m.parameters())
+    assert_long_bf16_finite(S4(4, d_state=16, mode=mode).to(torch.bfloat16), 4)
 
 
 # ----- configuration and bad input -----------------------------------------------------------------

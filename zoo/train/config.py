@@ -16,7 +16,7 @@ class TrainConfig:
     lr: float = 1.0e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100  # linear warmup from 0
-    weight_decay: float = 0.1  # AdamW; never on norms, biases or parameters flagged `_no_weight_decay`
+    weight_decay: float = 0.1  # AdamW; never on norms, biases or a module's `no_weight_decay` names
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1.0e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping

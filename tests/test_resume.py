@@ -57,10 +57,16 @@ def hybrid_run(name: str) -> list:
 CASES = {name: mixer_run(name) for name in zoo.list_mixers()} | {h: hybrid_run(h) for h in ("samba", "jamba")}
 
 
+@pytest.fixture(autouse=True)
+def _no_plots(monkeypatch):
+    """curves.png is no part of the resume state and costs ~1 s per checkpoint; skip drawing it here."""
+    monkeypatch.setattr("zoo.train.loop.plot_curves", lambda *a, **k: None)
+
+
 def _rows(out: Path) -> list[dict]:
     rows = read_jsonl(out / "metrics.jsonl")
     for r in rows:
-        r.pop("tokens_per_s")
+        r.pop("tokens_per_s", None)
     return rows
 
 
@@ -83,7 +89,7 @@ def _assert_same(a, b, where: str) -> None:
 def _state(out: Path) -> dict:
     state = load_trainer_state(out / "final")
     for row in state["history"]:
-        row.pop("tokens_per_s")
+        row.pop("tokens_per_s", None)
     return state
 
 

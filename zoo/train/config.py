@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-
 # The train keys `zoo train --resume` lets change (the rest must equal the checkpoint's, so a resumed run stays the
 # run that was started): the length (`steps`; the cosine schedule is recomputed over the new total from the current
 # step) and how often it evaluates, logs and saves. Read by zoo.train.loop.train and named in its refusal.

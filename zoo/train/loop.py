@@ -232,9 +232,9 @@ def train(
             new_task = {k: v for k, v in run.to_dict()["task"].items() if k in saved["task"]}
             diff += dict_diff(saved["task"], new_task, "task")
         if saved.get("train") is not None:  # only the keys declared safe may change; new fields are not compared
-            keep = [k for k in saved["train"] if k not in RESUME_SAFE_KEYS]
             new_train = run.to_dict()["train"]
-            diff += dict_diff({k: saved["train"][k] for k in keep}, {k: new_train.get(k) for k in keep}, "train")
+            keep = [k for k in saved["train"] if k in new_train and k not in RESUME_SAFE_KEYS]
+            diff += dict_diff({k: saved["train"][k] for k in keep}, {k: new_train[k] for k in keep}, "train")
         if diff:
             safe = ", ".join(f"train.{k}" for k in RESUME_SAFE_KEYS)
             raise CheckpointError(

@@ -61,7 +61,9 @@ def test_init_follows_mamba_simple():
     m = Mamba(64, d_state=16, dt_min=1e-3, dt_max=0.1, dt_init_floor=1e-4)
     assert torch.allclose(m.A_log, torch.log(torch.arange(1, 17.0)).expand(128, 16))
     assert torch.equal(m.D, torch.ones(128))
-    assert m.A_log._no_weight_decay and m.D._no_weight_decay
+    from zoo.train.optim import no_decay_names
+
+    assert {"A_log", "D"} <= no_decay_names(m) and "in_proj.weight" not in no_decay_names(m)
     dt = torch.nn.functional.softplus(m.dt_proj.bias)
     assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)
     assert m.dt_rank == math.ceil(64 / 16)

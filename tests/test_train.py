@@ -52,22 +52,36 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert lr_factor(0, warmup_steps=0, total_steps=10, min_lr_ratio=0.0) == pytest.approx(1.0)
 
 
-def test_no_weight_decay_on_norms_biases_and_flagged_parameters():
+def test_no_weight_decay_on_norms_biases_and_declared_parameters():
     class M(nn.Module):
+        no_weight_decay = ("A_log",)  # declared on the class, so a rebuilt (from_pretrained) model keeps it
+
         def __init__(self):
             super().__init__()
             self.embed = nn.Embedding(10, 4)
             self.lin = nn.Linear(4, 4)
             self.norm = nn.LayerNorm(4)
             self.A_log = nn.Parameter(torch.zeros(4, 3))
-            self.A_log._no_weight_decay = True
+            self.W = nn.Parameter(torch.zeros(4, 3))
 
     m = M()
     decay, no_decay = param_groups(m, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     ids = lambda g: {id(p) for p in g["params"]}  # noqa: E731
-    assert ids(decay) == {id(m.embed.weight), id(m.lin.weight)}
+    assert ids(decay) == {id(m.embed.weight), id(m.lin.weight), id(m.W)}
     assert ids(no_decay) == {id(m.lin.bias), id(m.norm.weight), id(m.norm.bias), id(m.A_log)}
+
+
+@pytest.mark.parametrize("name, exempt", [("mamba", "mixer.A_log"), ("s4", "mixer.B"), ("s4", "mixer.A_imag"),
+                                          ("hgrn", "hgrn.gamma"), ("mom", "mixer.A_log")])
+def test_declared_no_decay_matrices_survive_save_and_load(name, exempt, tmp_path):
+    from zoo.train.optim import no_decay_names
+
+    model = zoo.build_model({"model": {"vocab_size": 32, "d_model": 16, "n_layers": 2, "pattern": [name]}})
+    fresh = no_decay_names(model)
+    assert any(n.endswith(exempt) for n in fresh), sorted(fresh)
+    model.save_pretrained(tmp_path)
+    assert no_decay_names(zoo.ZooForCausalLM.from_pretrained(tmp_path)) == fresh
 
 
 def test_epoch_sampler_resumes_in_place():

@@ -7,6 +7,7 @@ overrides (values parsed as YAML) are applied, then everything is validated.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import inspect
@@ -97,7 +98,7 @@ def deep_merge(base: dict, other: dict) -> dict:
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
     """Apply ``a.b.c=value`` strings (values parsed as YAML) to a nested dict."""
-    data = deep_merge(data, {})
+    data = copy.deepcopy(data)  # a copy all the way down: never write into the caller's (nested) dicts
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value (e.g. train.lr=1e-3).")

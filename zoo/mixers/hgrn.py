@@ -22,11 +22,12 @@ _VARIANTS = ("complex", "real")
 class HGRNLowerBound(nn.Module):
     """The shared lower-bound parameter of every HGRN layer in a model; ``forward(layer_idx)`` -> ``lb (E,)``."""
 
+    no_weight_decay = ("gamma",)  # no weight decay (zoo.train.optim.no_decay_names)
+
     def __init__(self, layer_indices: list[int], width: int) -> None:
         super().__init__()
         # Ones give a uniform softmax at init: lb_k = k / n_hgrn_layers.
         self.gamma = nn.Parameter(torch.ones(len(layer_indices), width))
-        self.gamma._no_weight_decay = True
         self.position = {idx: k for k, idx in enumerate(layer_indices)}
 
     def bounds(self) -> torch.Tensor:
@@ -53,6 +54,8 @@ class HGRN(RecurrentMixer):
     a mixer used on its own (no shared module bound) uses the bound 0.
     """
 
+    no_weight_decay = ("theta", "norm_weight")  # no weight decay (zoo.train.optim.no_decay_names)
+
     def __init__(self, d_model: int, *, layer_idx: int = 0, variant: str = "complex") -> None:
         super().__init__(d_model, layer_idx=layer_idx)
         if variant not in _VARIANTS:
@@ -64,11 +67,9 @@ class HGRN(RecurrentMixer):
         self.in_proj = nn.Linear(d_model, (2 * c + 1) * E, bias=False)  # input c_t, forget f_t, output gate
         if self.complex:
             self.theta = nn.Parameter(10000.0 ** (-2.0 * torch.arange(E, dtype=torch.float32) / E))
-            self.theta._no_weight_decay = True
             self.norm = nn.LayerNorm(2 * E)
         else:  # RMSNorm(h) * silu(g), norm_before_gate=True as in FLA; weight of the RMSNorm:
             self.norm_weight = nn.Parameter(torch.ones(E))
-            self.norm_weight._no_weight_decay = True
         self.out_proj = nn.Linear(c * E, d_model, bias=False)
 
     @classmethod

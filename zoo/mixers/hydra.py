@@ -38,6 +38,7 @@ class Hydra(Mixer):
 
     causal = False
     has_step = False
+    no_weight_decay = ("dt_bias", "A_log", "D")  # no weight decay (zoo.train.optim.no_decay_names)
 
     def __init__(
         self,
@@ -74,8 +75,6 @@ class Hydra(Mixer):
         self.dt_bias = nn.Parameter(inverse_softplus_dt(nheads, dt_min, dt_max, dt_init_floor))  # shared by both directions
         self.A_log = nn.Parameter(torch.zeros(nheads))  # A = -1 at init, shared by both directions
         self.D = nn.Parameter(torch.ones(nheads))
-        for p in (self.dt_bias, self.A_log, self.D):
-            p._no_weight_decay = True
         self.fc_D = nn.Linear(d_inner, nheads, bias=False)  # the data-dependent part of the diagonal
         self.norm = GatedRMSNorm(d_inner, eps=norm_eps, norm_before_gate=True, group_size=d_inner // ngroups)
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)

@@ -38,6 +38,8 @@ class Mamba(RecurrentMixer):
     log-uniform in ``[dt_min, dt_max]`` (floored at ``dt_init_floor``); ``bias`` is for in/out_proj.
     """
 
+    no_weight_decay = ("A_log", "D")  # no weight decay (zoo.train.optim.no_decay_names)
+
     def __init__(
         self,
         d_model: int,
@@ -88,8 +90,6 @@ class Mamba(RecurrentMixer):
         # S4D-real init A = -(1..N) per channel, stored as log; kept in float32, no weight decay.
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(E, 1))
         self.D = nn.Parameter(torch.ones(E))  # skip connection
-        self.A_log._no_weight_decay = True
-        self.D._no_weight_decay = True
 
     def _ssm_params(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """xc ``(..., E)`` -> dt before bias ``(..., E)``, B, C ``(..., N)``."""

@@ -37,6 +37,8 @@ class Mamba2(RecurrentMixer):
     State: conv ``(B, conv_dim, d_conv - 1)`` and SSM ``(B, nheads, headdim, d_state)``.
     """
 
+    no_weight_decay = ("dt_bias", "A_log", "D")  # no weight decay (zoo.train.optim.no_decay_names)
+
     def __init__(
         self,
         d_model: int,
@@ -72,8 +74,6 @@ class Mamba2(RecurrentMixer):
         self.dt_bias = nn.Parameter(inverse_softplus_dt(nheads, dt_min, dt_max, dt_init_floor))
         self.A_log = nn.Parameter(torch.log(torch.empty(nheads).uniform_(1, 16)))  # A = -exp(A_log), A ~ U(1, 16)
         self.D = nn.Parameter(torch.ones(nheads))
-        for p in (self.dt_bias, self.A_log, self.D):
-            p._no_weight_decay = True
         self.norm = GatedRMSNorm(d_inner, eps=norm_eps, norm_before_gate=False, group_size=d_inner // ngroups)
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
 

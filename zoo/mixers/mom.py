@@ -67,6 +67,7 @@ class MoM(RecurrentMixer):
     """
 
     causal = True
+    no_weight_decay = ("A_log", "dt_bias")  # no weight decay (zoo.train.optim.no_decay_names)
 
     def __init__(
         self,
@@ -122,7 +123,6 @@ class MoM(RecurrentMixer):
         # dt_bias = softplus^-1(dt), dt log-uniform in [1e-3, 1e-1]: initial decays span slow to fast.
         dt = torch.exp(torch.empty(S, n_heads).uniform_(math.log(1e-3), math.log(1e-1))).clamp_min(1e-4)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        self.A_log._no_weight_decay = self.dt_bias._no_weight_decay = True
         self.g_proj = nn.Linear(d_model, inner, bias=False)
         self.o_norm = GatedRMSNorm(inner, eps=norm_eps, norm_before_gate=True, group_size=head_dim)
         self.o_proj = nn.Linear(inner, d_model, bias=False)

@@ -63,6 +63,8 @@ class S4(RecurrentMixer):
     ``glu`` (output linear to 2D followed by a GLU, as in the S4 repository, else a D -> D linear).
     """
 
+    no_weight_decay = ("log_dt", "log_A_real", "A_imag", "B", "P")  # no weight decay (zoo.train.optim.no_decay_names)
+
     def __init__(
         self,
         d_model: int,
@@ -118,9 +120,6 @@ class S4(RecurrentMixer):
         self.C = nn.Parameter(torch.view_as_real(torch.randn(Hc, N2, dtype=torch.complex64)))  # (Hc, N2, 2)
         self.P = nn.Parameter(torch.view_as_real(P.to(torch.complex64)).clone()) if mode == "dplr" else None
         self.D = nn.Parameter(torch.randn(H))
-        for p_ in (self.log_dt, self.log_A_real, self.A_imag, self.B, self.P):
-            if p_ is not None:
-                p_._no_weight_decay = True  # SSM parameters train without weight decay, as in S4
         self.out_proj = nn.Linear(H, 2 * H if glu else H)
         self.glu = glu
 

@@ -20,12 +20,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 class RMSNorm(nn.Module):
     """``x / rms(x) * weight`` over the last dim (eps 1e-5 by default)."""
 
+    no_weight_decay = ("weight",)  # no weight decay (zoo.train.optim.no_decay_names)
+
     def __init__(self, dim: int, eps: float = 1e-5, affine: bool = True) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if affine else None
-        if self.weight is not None:
-            self.weight._no_weight_decay = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
@@ -38,6 +38,8 @@ class GatedRMSNorm(nn.Module):
     ``group_size`` normalises groups of that many channels separately (per head), default the whole dim.
     """
 
+    no_weight_decay = ("weight",)  # no weight decay (zoo.train.optim.no_decay_names)
+
     def __init__(self, dim: int, eps: float = 1e-5, norm_before_gate: bool = False, group_size: int | None = None) -> None:
         super().__init__()
         self.eps = eps
@@ -46,7 +48,6 @@ class GatedRMSNorm(nn.Module):
         if dim % self.group_size:
             raise ValueError(f"GatedRMSNorm: group_size {self.group_size} must divide dim {dim}.")
         self.weight = nn.Parameter(torch.ones(dim))
-        self.weight._no_weight_decay = True
 
     def _norm(self, y: torch.Tensor) -> torch.Tensor:
         shape = y.shape

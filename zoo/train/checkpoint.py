@@ -26,6 +26,7 @@ RUN_CONFIG = "zoo_run.yaml"
 TRAINER_STATE = "trainer_state.pt"
 FINAL = "final"
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+_TMP_RE = re.compile(r"^\.(?:checkpoint-\d+|final)\.tmp-(\d+)$")  # atomic_directory's half-written dirs
 # Keys of a saved model config that say nothing about the architecture.
 _IGNORED_MODEL_KEYS = {"transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype", "use_cache"}
 
@@ -110,6 +111,37 @@ def atomic_directory(final: str | Path, write: Callable[[Path], None]) -> Path:
     else:
         os.replace(tmp, final)
     return final
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return True  # cannot tell: leave its directory alone
+    return True
+
+
+def remove_stale_temp_dirs(out_dir: str | Path) -> list[Path]:
+    """Delete the ``.checkpoint-<step>.tmp-<pid>`` / ``.final.tmp-<pid>`` dirs of ``out_dir`` whose writer is gone.
+
+    A save killed mid-write leaves its temporary directory behind; one whose process is still alive (a run
+    writing into the same folder) is left alone. Returns the removed paths.
+    """
+    out_dir = Path(out_dir)
+    removed = []
+    if out_dir.is_dir():
+        for p in sorted(out_dir.iterdir()):
+            m = _TMP_RE.match(p.name)
+            if m and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m.group(1))):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
 
 
 @contextlib.contextmanager

@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+# The train keys `zoo train --resume` lets change (the rest must equal the checkpoint's, so a resumed run stays the
+# run that was started): the length (`steps`; the cosine schedule is recomputed over the new total from the current
+# step) and how often it evaluates, logs and saves. Read by zoo.train.loop.train and named in its refusal.
+RESUME_SAFE_KEYS = ("steps", "eval_every", "eval_batches", "eval_batch_size", "save_every", "keep_checkpoints",
+                    "log_every", "progress", "num_threads")
+
 
 @dataclass
 class TrainConfig:
@@ -16,7 +22,7 @@ class TrainConfig:
     lr: float = 1.0e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100  # linear warmup from 0
-    weight_decay: float = 0.1  # AdamW; never on norms, biases or parameters flagged `_no_weight_decay`
+    weight_decay: float = 0.1  # AdamW; never on norms, biases or a module's `no_weight_decay` names
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1.0e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping

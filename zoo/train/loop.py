@@ -31,12 +31,14 @@ from zoo.train.checkpoint import (
     load_trainer_state,
     model_config_diff,
     quiet_hf_progress,
+    remove_stale_temp_dirs,
     resolve_checkpoint,
     rng_state,
     rotate_checkpoints,
     save_checkpoint,
     set_rng_state,
 )
+from zoo.train.config import RESUME_SAFE_KEYS
 from zoo.train.metrics import per_example_accuracy, plot_curves, shifted_targets, write_jsonl
 from zoo.train.optim import build_optimizer, build_scheduler
 
@@ -197,6 +199,7 @@ def _prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
         for name in (METRICS, CURVES):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(out)  # left by a save that was killed mid-write (its process is gone)
 
 
 def train(
@@ -228,10 +231,16 @@ def train(
         if saved.get("task") is not None:  # fields added to TaskConfig since the save are not compared
             new_task = {k: v for k, v in run.to_dict()["task"].items() if k in saved["task"]}
             diff += dict_diff(saved["task"], new_task, "task")
+        if saved.get("train") is not None:  # only the keys declared safe may change; new fields are not compared
+            new_train = run.to_dict()["train"]
+            keep = [k for k in saved["train"] if k in new_train and k not in RESUME_SAFE_KEYS]
+            diff += dict_diff({k: saved["train"][k] for k in keep}, {k: new_train[k] for k in keep}, "train")
         if diff:
+            safe = ", ".join(f"train.{k}" for k in RESUME_SAFE_KEYS)
             raise CheckpointError(
                 f"cannot resume {ckpt}: the config differs from the checkpoint's at {', '.join(diff[:8])}; "
-                "use the same config to resume, or start a new run with another --out."
+                f"use the same config to resume (of the train section only {safe} may change), "
+                "or start a new run with another --out."
             )
     _prepare_out_dir(out, bool(resume), overwrite)
 

@@ -10,20 +10,32 @@ from torch import nn
 from zoo.train.config import TrainConfig
 
 
-def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """True for norms, biases (any parameter with fewer than 2 dims) and parameters flagged ``_no_weight_decay``.
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names (as ``named_parameters()`` gives them) of the parameters trained without weight decay.
 
-    Embeddings and other matrices are decayed unless flagged.
+    The one rule: a parameter with fewer than 2 dims (norm weights, biases, per-channel vectors) or one named in
+    its module's class attribute ``no_weight_decay`` (e.g. ``Mamba.no_weight_decay = ("A_log", "D")``) is exempt;
+    embeddings and other matrices are decayed. It is read from the module classes, not from the tensors, so a
+    model rebuilt by ``from_pretrained`` gets the same groups (and a resumed optimizer state fits them).
     """
-    return param.ndim < 2 or bool(getattr(param, "_no_weight_decay", False))
+    exempt: set[int] = set()
+    for module in model.modules():
+        declared = getattr(type(module), "no_weight_decay", ())
+        if isinstance(declared, str):
+            declared = (declared,)
+        for name, p in module.named_parameters(recurse=False):
+            if p.ndim < 2 or name in declared:
+                exempt.add(id(p))  # a parameter shared by several modules is exempt if any of them says so
+    return {name for name, p in model.named_parameters() if id(p) in exempt}
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed matrices and everything exempt from decay (tied weights counted once)."""
+    """Two AdamW groups: decayed matrices and everything :func:`no_decay_names` exempts (tied weights counted once)."""
+    exempt = no_decay_names(model)
     decay, no_decay = [], []
     for name, p in model.named_parameters():  # named_parameters() yields a tied parameter once
         if p.requires_grad:
-            (no_decay if no_weight_decay(name, p) else decay).append(p)
+            (no_decay if name in exempt else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

@@ -14,8 +14,8 @@ from torch import nn
 
 from zoo import kernels
 from zoo.mixers.base import Mixer
-from zoo.mixers.mamba2 import inverse_softplus_dt
 from zoo.nn import GatedRMSNorm
+from zoo.nn.init import dt_bias_init, ssd_heads
 from zoo.packing import seq_ids, seq_index, seq_lengths
 from zoo.registry import register_mixer
 
@@ -59,12 +59,7 @@ class Hydra(Mixer):
         conv_bias: bool = True,
     ) -> None:
         super().__init__(d_model, layer_idx=layer_idx)
-        d_inner = expand * d_model
-        if d_inner % headdim:
-            raise ValueError(f"hydra: headdim {headdim} must divide expand * d_model = {d_inner}; pick a divisor such as 64.")
-        nheads = d_inner // headdim
-        if nheads % ngroups:
-            raise ValueError(f"hydra: ngroups {ngroups} must divide the number of heads {nheads} (= expand * d_model / headdim).")
+        d_inner, nheads = ssd_heads("hydra", d_model, expand, headdim, ngroups)
         if d_conv < 1 or d_conv % 2 == 0:
             raise ValueError(f"hydra: d_conv must be odd so the non-causal conv is centred; got {d_conv}, use e.g. 7.")
         self.d_state, self.d_conv, self.headdim, self.ngroups, self.chunk_size = d_state, d_conv, headdim, ngroups, chunk_size
@@ -72,7 +67,7 @@ class Hydra(Mixer):
         self.conv_dim = d_inner + 4 * ngroups * d_state  # x, then B and C for each direction
         self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + 2 * nheads, bias=bias)  # [z, xBC, dt_f|dt_b]
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv // 2, bias=conv_bias)
-        self.dt_bias = nn.Parameter(inverse_softplus_dt(nheads, dt_min, dt_max, dt_init_floor))  # shared by both directions
+        self.dt_bias = nn.Parameter(dt_bias_init(nheads, dt_min, dt_max, dt_init_floor))  # shared by both directions
         self.A_log = nn.Parameter(torch.zeros(nheads))  # A = -1 at init, shared by both directions
         self.D = nn.Parameter(torch.ones(nheads))
         self.fc_D = nn.Linear(d_inner, nheads, bias=False)  # the data-dependent part of the diagonal

@@ -21,6 +21,7 @@ from torch import nn
 from zoo.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
 from zoo.kernels.selective_scan import selective_scan, selective_state_update
 from zoo.mixers.base import RecurrentMixer, State
+from zoo.nn.init import dt_bias_init
 from zoo.packing import last_inputs
 from zoo.registry import register_mixer
 
@@ -83,10 +84,7 @@ class Mamba(RecurrentMixer):
             else:
                 self.dt_proj.weight.uniform_(-std, std)
             # dt_proj.bias = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max], floored, so dt starts there.
-            dt = torch.exp(torch.rand(E) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-            dt = dt.clamp(min=dt_init_floor)
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        self.dt_proj.bias._no_reinit = True
+            self.dt_proj.bias.copy_(dt_bias_init(E, dt_min, dt_max, dt_init_floor))
         # S4D-real init A = -(1..N) per channel, stored as log; kept in float32, no weight decay.
         self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(E, 1))
         self.D = nn.Parameter(torch.ones(E))  # skip connection

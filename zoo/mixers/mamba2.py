@@ -8,8 +8,6 @@ Parameter names follow transformers' ``Mamba2Mixer`` so checkpoints map one to o
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,14 +15,9 @@ from torch import nn
 from zoo import kernels
 from zoo.mixers.base import RecurrentMixer, State
 from zoo.nn import GatedRMSNorm
+from zoo.nn.init import dt_bias_init, ssd_heads
 from zoo.packing import last_inputs
 from zoo.registry import register_mixer
-
-
-def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: float) -> torch.Tensor:
-    """A bias b with ``softplus(b) = dt``, dt log-uniform in ``[dt_min, dt_max]`` and floored (Mamba's dt init)."""
-    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
-    return dt + torch.log(-torch.expm1(-dt))
 
 
 @register_mixer("mamba2")
@@ -58,12 +51,7 @@ class Mamba2(RecurrentMixer):
         conv_bias: bool = True,
     ) -> None:
         super().__init__(d_model, layer_idx=layer_idx)
-        d_inner = expand * d_model
-        if d_inner % headdim:
-            raise ValueError(f"mamba2: headdim {headdim} must divide expand * d_model = {d_inner}; pick a divisor such as 64.")
-        nheads = d_inner // headdim
-        if nheads % ngroups:
-            raise ValueError(f"mamba2: ngroups {ngroups} must divide the number of heads {nheads} (= expand * d_model / headdim).")
+        d_inner, nheads = ssd_heads("mamba2", d_model, expand, headdim, ngroups)
         if not 2 <= d_conv <= 4:
             raise ValueError(f"mamba2: conv width d_conv={d_conv} is not supported; the causal conv kernels take 2 to 4 (default 4).")
         self.d_state, self.d_conv, self.headdim, self.ngroups, self.chunk_size = d_state, d_conv, headdim, ngroups, chunk_size
@@ -71,7 +59,7 @@ class Mamba2(RecurrentMixer):
         self.conv_dim = d_inner + 2 * ngroups * d_state
         self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * ngroups * d_state + nheads, bias=bias)  # [z, x, B, C, dt]
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=conv_bias)
-        self.dt_bias = nn.Parameter(inverse_softplus_dt(nheads, dt_min, dt_max, dt_init_floor))
+        self.dt_bias = nn.Parameter(dt_bias_init(nheads, dt_min, dt_max, dt_init_floor))
         self.A_log = nn.Parameter(torch.log(torch.empty(nheads).uniform_(1, 16)))  # A = -exp(A_log), A ~ U(1, 16)
         self.D = nn.Parameter(torch.ones(nheads))
         self.norm = GatedRMSNorm(d_inner, eps=norm_eps, norm_before_gate=False, group_size=d_inner // ngroups)

@@ -25,6 +25,7 @@ from zoo.kernels import chunk_delta_rule, chunk_gla
 from zoo.kernels.causal_conv1d import causal_conv1d
 from zoo.mixers.base import RecurrentMixer, State
 from zoo.nn import GatedRMSNorm, ShortConv
+from zoo.nn.init import dt_bias_init
 from zoo.packing import count_ids, seq_ids
 from zoo.registry import register_mixer
 
@@ -121,8 +122,7 @@ class MoM(RecurrentMixer):
         # Decay rate A ~ U(1, 16) stored as log, as in Gated DeltaNet / Mamba-2; no weight decay.
         self.A_log = nn.Parameter(torch.empty(S, n_heads).uniform_(1, 16).log())
         # dt_bias = softplus^-1(dt), dt log-uniform in [1e-3, 1e-1]: initial decays span slow to fast.
-        dt = torch.exp(torch.empty(S, n_heads).uniform_(math.log(1e-3), math.log(1e-1))).clamp_min(1e-4)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_bias = nn.Parameter(dt_bias_init((S, n_heads), 1e-3, 1e-1, 1e-4))
         self.g_proj = nn.Linear(d_model, inner, bias=False)
         self.o_norm = GatedRMSNorm(inner, eps=norm_eps, norm_before_gate=True, group_size=head_dim)
         self.o_proj = nn.Linear(inner, d_model, bias=False)

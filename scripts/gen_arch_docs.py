@@ -5,7 +5,9 @@ Everything that can be read off the code is: the constructor defaults, the kerne
 backends those kernels offer, whether decoding and packing work (checked on a tiny model: prefill + step
 against the full forward, packed against separate sequences), and ``state_size()`` at a few widths. The
 description of what each mixer computes is its module docstring plus its section of ../shared/math.md
-(or docs/math.md) when there is one. A new mixer gets a page with no change here.
+(or docs/math.md) when there is one; the paper, that section's heading and the state size in words are the
+mixer class's own declarations (``paper``, ``math_section``, ``state_formula``). A new mixer gets a page with no
+change here.
 
     python scripts/gen_arch_docs.py            # rewrites the pages
 """
@@ -28,59 +30,6 @@ sys.path.insert(0, str(ROOT))
 import zoo  # noqa: E402
 from zoo.config import mixer_schema  # noqa: E402
 
-#: Paper of each architecture (title, authors and year, arXiv id).
-PAPERS = {
-    "attention": ("Attention Is All You Need", "Vaswani et al. 2017", "1706.03762"),
-    "s4": ("Efficiently Modeling Long Sequences with Structured State Spaces (S4); diagonal variant: "
-           "On the Parameterization and Initialization of Diagonal State Space Models (S4D, arXiv 2206.11893)",
-           "Gu, Goel & Ré 2021; Gu, Gupta, Goel & Ré 2022", "2111.00396"),
-    "mamba": ("Mamba: Linear-Time Sequence Modeling with Selective State Spaces", "Gu & Dao 2023", "2312.00752"),
-    "mamba2": ("Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured State "
-               "Space Duality (Mamba-2)", "Dao & Gu 2024", "2405.21060"),
-    "hydra": ("Hydra: Bidirectional State Space Models Through Generalized Matrix Mixers", "Hwang et al. 2024",
-              "2407.09941"),
-    "retnet": ("Retentive Network: A Successor to Transformer for Large Language Models", "Sun et al. 2023",
-               "2307.08621"),
-    "hgrn": ("Hierarchically Gated Recurrent Neural Network for Sequence Modeling", "Qin, Yang & Zhong 2023",
-             "2311.04823"),
-    "mom": ("MoM: Linear Sequence Modeling with Mixture-of-Memories", "Du et al. 2025", "2502.13685"),
-    "gateloop": ("GateLoop: Fully Data-Controlled Linear Recurrence for Sequence Modeling", "Katsch 2023",
-                 "2311.01927"),
-    "mingru": ("Were RNNs All We Needed?", "Feng et al. 2024", "2410.01201"),
-    "minlstm": ("Were RNNs All We Needed?", "Feng et al. 2024", "2410.01201"),
-}
-
-#: Heading prefix of each mixer's section in math.md.
-MATH_SECTIONS = {
-    "s4": "## S4", "mamba": "## Mamba (", "mamba2": "## Mamba-2", "hydra": "## Hydra", "retnet": "## RetNet",
-    "hgrn": "## HGRN", "mom": "## MoM", "gateloop": "## GateLoop", "mingru": "## minGRU", "minlstm": "## minGRU",
-}
-
-#: State-size formulas in words, each with a check against the code (the check must agree, else it is left out).
-FORMULAS = {
-    "attention": ("2 · n_kv_heads · head_dim · T floats for T cached tokens (T ≤ window with a sliding window); "
-                  "defaults: 2·D·T", lambda m, T: 2 * m.n_kv_heads * m.head_dim * (min(T, m.window) if m.window else T)),
-    "mamba": ("E · (d_conv − 1 + d_state), E = expand · D (conv state + SSM state); defaults: 2D · 19 = 38·D",
-              lambda m, T: m.d_inner * (m.d_conv - 1 + m.d_state)),
-    "mamba2": ("(E + 2 · ngroups · d_state) · (d_conv − 1) + nheads · headdim · d_state, E = expand · D "
-               "= nheads · headdim; defaults: 262·D + 768",
-               lambda m, T: m.conv_dim * (m.d_conv - 1) + m.nheads * m.headdim * m.d_state),
-    "s4": ("D · d_state (d_state/2 complex modes per channel, 2 floats each); doubled when bidirectional",
-           lambda m, T: m.d_model * m.d_state * (1 if m.causal else 2)),
-    "hydra": ("2 · nheads · headdim · d_state (forward and backward SSD states; no decoding state)",
-              lambda m, T: 2 * m.nheads * m.headdim * m.d_state),
-    "retnet": ("n_heads · d_k · d_v (one d_k × d_v retention state per head)",
-               lambda m, T: m.n_heads * m.head_k * m.head_v),
-    "hgrn": ("width (×2 for the complex-state variant)", lambda m, T: m.width * (2 if m.complex else 1)),
-    "gateloop": ("2 · channels (one complex number per channel)", lambda m, T: 2 * m._channels),
-    "mingru": ("expand · D", lambda m, T: m.d_inner),
-    "minlstm": ("expand · D", lambda m, T: m.d_inner),
-    "mom": ("n_slots · (H · K² + 2 · H · K · (conv − 1)) + H · K · (conv − 1), n_slots = n_memories (+1 shared); "
-            "H heads of dim K: one K×K memory per head and slot plus the q/k/v short-conv states",
-            lambda m, T: m.n_slots * (m.n_heads * m.head_dim**2 + 2 * m.n_heads * m.head_dim * (m.conv_size - 1))
-            + m.n_heads * m.head_dim * (m.conv_size - 1)),
-}
-
 WIDTHS = (64, 128, 256)
 T_REF = 1024  # attention's state is reported at this many cached tokens
 
@@ -93,7 +42,7 @@ def math_text() -> str:
 
 
 def math_section(name: str, text: str) -> str:
-    head = MATH_SECTIONS.get(name)
+    head = zoo.get_mixer(name).math_section
     if not head or not text:
         return ""
     lines, out, on = text.splitlines(), [], False
@@ -205,17 +154,11 @@ def describe(name: str, backends: dict[str, list[str]], math: str) -> tuple[str,
     for d in WIDTHS:
         m = tiny_model(name, d).model.layers[0].mixer
         sizes.append((d, m.state_size(T_REF), m))
-    formula, check = FORMULAS.get(name, (None, None))
-    ok = False
-    if check is not None:
-        try:
-            ok = all(check(m, T_REF) == s for _, s, m in sizes)
-        except AttributeError:
-            ok = False
+    formula = cls.state_formula
     src = inspect.getsource(cls.state_size) if "state_size" in cls.__dict__ or any(
         "state_size" in c.__dict__ for c in cls.__mro__[1:-1]) else ""
     expr = re.findall(r"return (.+)", src)
-    title, authors, arxiv = PAPERS.get(name, (None, None, None))
+    title, authors, arxiv = cls.paper or (None, None, None)
     lines = [f"# `{name}` — {cls.__name__}", "",
              f"Registry name `{name}`, class `{cls.__module__}.{cls.__qualname__}` "
              f"(`{Path(mod.__file__).relative_to(ROOT)}`). Generated by `scripts/gen_arch_docs.py` from the code.", ""]
@@ -230,7 +173,7 @@ def describe(name: str, backends: dict[str, list[str]], math: str) -> tuple[str,
     lines += ["## Options and defaults (the YAML schema: `model.mixers." + name + "`)", "",
               "| option | type | default |", "|---|---|---|", *rows, ""]
     lines += ["## State size", ""]
-    if ok:
+    if formula:
         lines += [f"Per layer and sequence: {formula}.", ""]
     if expr:
         lines += [f"Code (`state_size`): `{expr[-1].strip()}`.", ""]

@@ -17,25 +17,14 @@ def _seed():
 
 
 # ----- shared property checks (one copy, used by the per-mixer and hybrid tests) --------------------------------
-# Small settings so every property runs in seconds; a mixer not listed runs with its defaults.
-SMALL = {
-    "attention": {"n_heads": 4},
-    "mamba": {"d_state": 8},
-    "mamba2": {"d_state": 16, "headdim": 8, "chunk_size": 8},
-    "hydra": {"d_state": 16, "headdim": 8},
-    "s4": {"d_state": 16},
-    "mom": {"n_heads": 2, "head_dim": 16},
-    "retnet": {"n_heads": 2},
-}
-
-
-def small_kwargs(name: str, table: dict | None = None, **extra) -> dict:
-    """``table``'s (default SMALL) settings for mixer ``name`` plus ``extra``, keeping only keys the mixer takes."""
+def small_kwargs(name: str, **extra) -> dict:
+    """Mixer ``name``'s own small settings (its class's ``test_settings``) plus ``extra``, only keys it takes."""
     import zoo
     from zoo.config import mixer_schema
 
-    schema = mixer_schema(zoo.get_mixer(name))
-    return {k: v for k, v in {**(SMALL if table is None else table).get(name, {}), **extra}.items() if k in schema}
+    cls = zoo.get_mixer(name)
+    schema = mixer_schema(cls)
+    return {k: v for k, v in {**cls.test_settings, **extra}.items() if k in schema}
 
 
 def small_hybrid_config(name: str, *, vocab: int, d_model: int, overrides=(), n_layers: int | None = None,
@@ -89,3 +78,13 @@ def assert_long_bf16_finite(module, d_model: int, length: int = 16384) -> None:
     y.float().square().mean().backward()
     assert torch.isfinite(y.float()).all() and torch.isfinite(x.grad.float()).all()
     assert all(torch.isfinite(p.grad.float()).all() for p in module.parameters() if p.grad is not None)
+
+
+def assert_packed_equals_separate(model, docs, *, rtol=1e-3, atol=1e-4) -> None:
+    """Documents packed into one row with ``cu_seqlens`` give each document's logits run alone."""
+    lens = [d.shape[1] for d in docs]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    with torch.no_grad():
+        out = model(torch.cat(docs, 1), cu_seqlens=cu).logits
+        for d, a, b in zip(docs, cu[:-1].tolist(), cu[1:].tolist()):
+            torch.testing.assert_close(out[:, a:b], model(d).logits, rtol=rtol, atol=atol)

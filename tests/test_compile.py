@@ -11,24 +11,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import small_hybrid_config
+from conftest import small_hybrid_config, small_kwargs
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import zoo
-from zoo.config import mixer_schema, read_yaml
+from zoo.config import read_yaml
 from zoo.models import ZooConfig, ZooForCausalLM, ZooForSequenceClassification
 
 V, D = 61, 32
-SMALL = {
-    "attention": {"n_heads": 4},
-    "mamba": {"d_state": 8},
-    "mamba2": {"d_state": 16, "headdim": 8, "chunk_size": 8},
-    "hydra": {"d_state": 16, "headdim": 8, "chunk_size": 8},
-    "s4": {"d_state": 16},
-    "mom": {"n_heads": 2, "head_dim": 16, "chunk_size": 8},
-    "retnet": {"n_heads": 2, "chunk_size": 8},
-}
-# Code paths a mixer's defaults do not reach: case id -> (mixer, kwargs on top of SMALL).
+# Code paths a mixer's defaults do not reach: case id -> (mixer, kwargs on top of its test_settings).
 VARIANTS = {
     "attention-window": ("attention", {"window": 5}),  # the blocked sliding-window path (L > window)
     "attention-bidirectional": ("attention", {"causal": False}),
@@ -52,8 +43,7 @@ ALL_CASES = [*zoo.list_mixers(), *(c for c, (m, _) in VARIANTS.items() if m in z
 
 def _kwargs(case: str) -> tuple[str, dict]:
     name, extra = VARIANTS.get(case, (case, {}))
-    schema = mixer_schema(zoo.get_mixer(name))
-    return name, {k: v for k, v in {**SMALL.get(name, {}), **extra}.items() if k in schema}
+    return name, small_kwargs(name, **extra)
 
 
 def _causal(case: str) -> bool:

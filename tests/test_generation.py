@@ -13,21 +13,16 @@ from functools import cache
 
 import pytest
 import torch
+from conftest import small_kwargs
 from transformers import GenerationMixin
 
 import zoo
-from zoo.config import apply_overrides, mixer_schema, read_yaml, validate_model
+from zoo.config import apply_overrides, read_yaml, validate_model
 from zoo.models import ZooConfig, ZooForCausalLM
 
 V, D = 101, 64
-SMALL = {
-    "attention": {"n_heads": 4},
-    "mamba": {"d_state": 8},
-    "mamba2": {"d_state": 16, "headdim": 16, "chunk_size": 4},
-    "s4": {"d_state": 16},
-    "mom": {"n_heads": 2, "head_dim": 32, "chunk_size": 4},
-    "retnet": {"n_heads": 2, "chunk_size": 4},
-}
+# Width 64: the mixers' own small settings (test_settings) with wider heads and chunks of 4 (several per prompt).
+WIDER = {"mamba2": {"headdim": 16, "chunk_size": 4}, "mom": {"head_dim": 32, "chunk_size": 4}, "retnet": {"chunk_size": 4}}
 HYBRIDS = ["samba", "jamba", "mom-attention", "hgrn-swa"]
 NEW = 5  # new tokens per generate() call
 RTOL = 1e-4  # max |difference| relative to max |logit| of the step
@@ -63,8 +58,7 @@ def build(name: str) -> ZooForCausalLM:
             over.append("model.mixers.mom.chunk_size=4")
         cfg = validate_model(apply_overrides(data, over)["model"])
     else:
-        schema = mixer_schema(zoo.get_mixer(name))
-        kwargs = {k: v for k, v in SMALL.get(name, {}).items() if k in schema}
+        kwargs = small_kwargs(name, **WIDER.get(name, {}))
         cfg = ZooConfig(vocab_size=V, d_model=D, n_layers=2, pattern=[name], mixers={name: kwargs},
                         tie_word_embeddings=False)
     assert not cfg.tie_word_embeddings

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import small_kwargs
 
 import zoo
 from zoo.cli import main
@@ -22,23 +23,10 @@ N = 4  # steps; the resumed run stops after N // 2 and continues from checkpoint
 TRAIN = {"steps": N, "batch_size": 4, "lr": 3.0e-3, "warmup_steps": 1, "weight_decay": 0.1, "eval_every": 0,
          "eval_batches": 1, "log_every": 1, "save_every": N // 2, "keep_checkpoints": 0, "progress": False}
 TASK = {"name": "mqar", "seq_len": 16, "vocab_size": 32, "num_kv_pairs": 2, "num_train": 32, "num_test": 4}
-# Small settings per mixer (a mixer not listed runs with its defaults at d_model 32, so a new one is covered).
-SMALL = {
-    "attention": {"n_heads": 2},
-    "mamba": {"d_state": 8},
-    "mamba2": {"d_state": 16, "headdim": 8, "chunk_size": 8},
-    "hydra": {"d_state": 8, "headdim": 16, "chunk_size": 8},
-    "s4": {"d_state": 16},
-    "mom": {"n_heads": 2, "head_dim": 16},
-    "retnet": {"n_heads": 2},
-}
 
 
 def mixer_run(name: str) -> dict:
-    from zoo.config import mixer_schema
-
-    schema = mixer_schema(zoo.get_mixer(name))
-    kwargs = {k: v for k, v in SMALL.get(name, {}).items() if k in schema}
+    kwargs = small_kwargs(name, **({"d_state": 8, "headdim": 16} if name == "hydra" else {}))  # hydra: smaller still
     return {"model": {"vocab_size": 32, "d_model": 32, "n_layers": 2, "pattern": [name], "mixers": {name: kwargs},
                       "mlp": "swiglu"}, "train": TRAIN, "task": TASK}
 

@@ -22,6 +22,10 @@ from zoo.registry import register_mixer
 class Attention(Mixer):
     """Softmax attention through ``F.scaled_dot_product_attention``."""
 
+    paper = ("Attention Is All You Need", "Vaswani et al. 2017", "1706.03762")
+    state_formula = "2 · n_kv_heads · head_dim · T floats for T cached tokens (T ≤ window with a sliding window); defaults: 2·D·T"
+    test_settings = {"n_heads": 4}
+
     def __init__(
         self,
         d_model: int,

@@ -36,6 +36,16 @@ class Mixer(nn.Module, metaclass=ABCMeta):
     #: False for mixers with no O(1) step path (bidirectional ones).
     has_step: bool = True
     mixer_name: str = "?"
+    # Facts about the architecture, read by the docs generator (scripts/gen_arch_docs.py), `zoo list` and the
+    # shared property tests (tests/conftest.py): a new mixer declares them here and nothing else changes.
+    #: (title, authors and year, arXiv id) of the paper.
+    paper: tuple[str, str, str] | None = None
+    #: Heading prefix of the mixer's section in math.md, e.g. "## Mamba-2".
+    math_section: str | None = None
+    #: The state size in words (``state_size()`` is the code that computes it).
+    state_formula: str | None = None
+    #: Small constructor settings under which the shared property tests run in seconds on CPU.
+    test_settings: dict = {}
 
     def __init__(self, d_model: int, *, layer_idx: int = 0) -> None:
         super().__init__()

@@ -24,6 +24,10 @@ from zoo.registry import register_mixer
 class GateLoop(RecurrentMixer):
     """GateLoop token mixer; ``head_dim`` 1 by default (heads = d_model)."""
 
+    paper = ("GateLoop: Fully Data-Controlled Linear Recurrence for Sequence Modeling", "Katsch 2023", "2311.01927")
+    math_section = "## GateLoop"
+    state_formula = "2 · channels (one complex number per channel)"
+
     def __init__(self, d_model: int, *, layer_idx: int = 0, head_dim: int = 1) -> None:
         super().__init__(d_model, layer_idx=layer_idx)
         if head_dim < 1 or d_model % head_dim:

@@ -54,6 +54,10 @@ class HGRN(RecurrentMixer):
     a mixer used on its own (no shared module bound) uses the bound 0.
     """
 
+    paper = ("Hierarchically Gated Recurrent Neural Network for Sequence Modeling", "Qin, Yang & Zhong 2023", "2311.04823")
+    math_section = "## HGRN"
+    state_formula = "width (×2 for the complex-state variant)"
+
     no_weight_decay = ("theta", "norm_weight")  # no weight decay (zoo.train.optim.no_decay_names)
 
     def __init__(self, d_model: int, *, layer_idx: int = 0, variant: str = "complex") -> None:

@@ -36,6 +36,11 @@ class Hydra(Mixer):
     Padding (left or right of the real tokens) is zeroed before the conv and is the identity in both scans.
     """
 
+    paper = ("Hydra: Bidirectional State Space Models Through Generalized Matrix Mixers", "Hwang et al. 2024", "2407.09941")
+    math_section = "## Hydra"
+    state_formula = "2 · nheads · headdim · d_state (forward and backward SSD states; no decoding state)"
+    test_settings = {"d_state": 16, "headdim": 8, "chunk_size": 8}
+
     causal = False
     has_step = False
     no_weight_decay = ("dt_bias", "A_log", "D")  # no weight decay (zoo.train.optim.no_decay_names)

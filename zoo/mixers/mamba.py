@@ -39,6 +39,11 @@ class Mamba(RecurrentMixer):
     log-uniform in ``[dt_min, dt_max]`` (floored at ``dt_init_floor``); ``bias`` is for in/out_proj.
     """
 
+    paper = ("Mamba: Linear-Time Sequence Modeling with Selective State Spaces", "Gu & Dao 2023", "2312.00752")
+    math_section = "## Mamba ("
+    state_formula = "E · (d_conv − 1 + d_state), E = expand · D (conv state + SSM state); defaults: 2D · 19 = 38·D"
+    test_settings = {"d_state": 8}
+
     no_weight_decay = ("A_log", "D")  # no weight decay (zoo.train.optim.no_decay_names)
 
     def __init__(

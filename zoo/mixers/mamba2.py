@@ -30,6 +30,17 @@ class Mamba2(RecurrentMixer):
     State: conv ``(B, conv_dim, d_conv - 1)`` and SSM ``(B, nheads, headdim, d_state)``.
     """
 
+    paper = (
+        "Transformers are SSMs: Generalized Models and Efficient Algorithms Through Structured State Space "
+        "Duality (Mamba-2)", "Dao & Gu 2024", "2405.21060",
+    )
+    math_section = "## Mamba-2"
+    state_formula = (
+        "(E + 2 · ngroups · d_state) · (d_conv − 1) + nheads · headdim · d_state, E = expand · D = nheads · headdim; "
+        "defaults: 262·D + 768"
+    )
+    test_settings = {"d_state": 16, "headdim": 8, "chunk_size": 8}
+
     no_weight_decay = ("dt_bias", "A_log", "D")  # no weight decay (zoo.train.optim.no_decay_names)
 
     def __init__(

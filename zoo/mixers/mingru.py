@@ -31,6 +31,10 @@ class _MinRNN(RecurrentMixer):
     Subclasses define ``_gates(u)``: projected input ``(..., (n_gates + 1) E)`` -> decay ``a`` and input ``b``.
     """
 
+    paper = ("Were RNNs All We Needed?", "Feng et al. 2024", "2410.01201")
+    math_section = "## minGRU"
+    state_formula = "expand · D"
+
     n_gates = 1
 
     def __init__(self, d_model: int, *, layer_idx: int = 0, expand: float = 1.0) -> None:

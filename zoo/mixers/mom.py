@@ -67,6 +67,14 @@ class MoM(RecurrentMixer):
     State per sequence: every memory's ``(H, K, V)`` matrix, its k/v conv inputs, and the q conv inputs.
     """
 
+    paper = ("MoM: Linear Sequence Modeling with Mixture-of-Memories", "Du et al. 2025", "2502.13685")
+    math_section = "## MoM"
+    state_formula = (
+        "n_slots · (H · K² + 2 · H · K · (conv − 1)) + H · K · (conv − 1), n_slots = n_memories (+1 shared); "
+        "H heads of dim K: one K×K memory per head and slot plus the q/k/v short-conv states"
+    )
+    test_settings = {"n_heads": 2, "head_dim": 16, "chunk_size": 8}
+
     causal = True
     no_weight_decay = ("A_log", "dt_bias")  # no weight decay (zoo.train.optim.no_decay_names)
 

@@ -35,6 +35,11 @@ MODES = ("chunk", "parallel")
 class RetNet(RecurrentMixer):
     """Multi-scale retention: ``(B, L, D) -> (B, L, D)`` with a ``(H, d_k, d_v)`` state per sequence."""
 
+    paper = ("Retentive Network: A Successor to Transformer for Large Language Models", "Sun et al. 2023", "2307.08621")
+    math_section = "## RetNet"
+    state_formula = "n_heads · d_k · d_v (one d_k × d_v retention state per head)"
+    test_settings = {"n_heads": 2, "chunk_size": 8}
+
     causal = True
 
     def __init__(

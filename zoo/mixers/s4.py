@@ -63,6 +63,15 @@ class S4(RecurrentMixer):
     ``glu`` (output linear to 2D followed by a GLU, as in the S4 repository, else a D -> D linear).
     """
 
+    paper = (
+        "Efficiently Modeling Long Sequences with Structured State Spaces (S4); diagonal variant: On the "
+        "Parameterization and Initialization of Diagonal State Space Models (S4D, arXiv 2206.11893)",
+        "Gu, Goel & Ré 2021; Gu, Gupta, Goel & Ré 2022", "2111.00396",
+    )
+    math_section = "## S4"
+    state_formula = "D · d_state (d_state/2 complex modes per channel, 2 floats each); doubled when bidirectional"
+    test_settings = {"d_state": 16}
+
     no_weight_decay = ("log_dt", "log_A_real", "A_imag", "B", "P")  # no weight decay (zoo.train.optim.no_decay_names)
 
     def __init__(

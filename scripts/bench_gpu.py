@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     if not todo:
         ap.error(f"--only {args.only!r} matches no kernel; kernels: {', '.join(KERNELS)}.")
 
-    from zoo.bench import markdown_table, record
+    from zoo.bench import RESULTS, markdown_table, record
 
     rows = []
     for case in todo:
@@ -366,8 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     title = "Triton kernels vs reference and peers, forward + backward" + (" (tiny, interpreter)" if not cuda else "")
     if args.record is not None or (cuda and not args.no_record):
-        kw = {"path": args.record} if args.record is not None else {}
-        record(title, HEADER, rows, device=device, notes=notes, **kw)
+        record(title, HEADER, rows, device=device, notes=notes, path=args.record or RESULTS)
     else:
         print(f"\n## {title}\n\n- notes: {notes}\n\n{markdown_table(HEADER, rows)}\n")
     return 0 if all(r[5] == "yes" for r in rows) else 1

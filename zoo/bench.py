@@ -1,7 +1,13 @@
-"""Benchmark helpers shared by the scripts in ``scripts/``: timing, environment facts, the results file."""
+"""Benchmark helpers shared by ``zoo.benchmarks`` (run as ``zoo bench NAME``) and ``scripts/bench_*.py``.
+
+Timing (medians after warm-up), environment facts (device, versions, load average), the common command-line
+options, and the record: every benchmark prints its table; it appends the table (with date, device, versions
+and the exact command) to a file only when asked with ``--record FILE`` (e.g. ``--record docs/benchmarks.md``).
+"""
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import os
 import platform
@@ -14,7 +20,39 @@ from pathlib import Path
 
 import torch
 
+#: The checkout's results file (what ``--record docs/benchmarks.md`` writes in a source checkout).
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+def bench_parser(doc: str | None, *, device: str = "cpu", threads: int | None = 1, repeats: int = 3) -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark shares: --repeats, --device, --threads, --record."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=repeats, help="timed repeats (the median is reported)")
+    ap.add_argument("--device", default=device, help="cpu or cuda")
+    if threads is not None:
+        ap.add_argument("--threads", type=int, default=threads,
+                        help="torch CPU threads (1 avoids oversubscribing a shared CPU)")
+    ap.add_argument("--record", type=Path, default=None, metavar="FILE",
+                    help="append the table with date, device, versions and command to FILE (default: print only)")
+    return ap
+
+
+def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """Apply --threads; the device, and the input dtype benchmarks use there (bf16 on CUDA, float32 on CPU)."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible here; run with --device cpu.")
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def fwd_bwd(fn: Callable, xs: list[torch.Tensor], **kw) -> None:
+    """One forward + backward of a kernel ``fn(*xs, **kw) -> (out, state)``; clears the input gradients."""
+    out, _ = fn(*xs, **kw)
+    out.float().sum().backward()
+    for x in xs:
+        x.grad = None
 
 
 def sync(device: torch.device | str | None = None) -> None:
@@ -67,23 +105,38 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def record(title: str, header: list[str], rows: list[list], *, device="cpu", notes: str = "", path: Path = RESULTS) -> str:
-    """Print the table and append it, with device, versions, date and the exact command, to docs/benchmarks.md."""
+def command_line() -> str:
+    """The command that is running, as a user would type it again."""
+    argv = [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]
+    if argv[0].endswith(".py"):
+        argv.insert(0, "python")
+    elif Path(argv[0]).name == "zoo":
+        argv[0] = "zoo"
+    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    return env + " ".join(shlex.quote(a) for a in argv)
+
+
+def record(title: str, header: list[str], rows: list[list], *, device="cpu", notes: str = "",
+           path: Path | str | None = None) -> str:
+    """Print the table with date, device, versions and the exact command; append that block to ``path`` if given."""
     table = markdown_table(header, rows)
-    command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     block = (
         f"\n## {title}\n\n"
         f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}\n"
         f"- device: {device_description(device)}\n"
         f"- versions: {versions()}\n"
-        f"- command: `python {command}`\n"
+        f"- command: `{command_line()}`\n"
         + (f"- notes: {notes}\n" if notes else "")
         + f"\n{table}\n"
     )
     print(block)
+    if path is None:
+        return block
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         path.write_text("# Benchmarks\n\nMeasured numbers only; each section says how it was measured.\n")
     with path.open("a") as f:
         f.write(block)
+    print(f"appended to {path}")
     return block

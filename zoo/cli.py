@@ -230,25 +230,29 @@ def _eval_passkey(args: argparse.Namespace) -> int:
 
 # ----- zoo bench -------------------------------------------------------------------------------------
 
+def _benchmarks() -> list[str]:
+    """The packaged benchmarks (files of zoo/benchmarks/), listed without importing them or torch."""
+    return sorted(p.stem for p in (Path(__file__).resolve().parent / "benchmarks").glob("*.py") if not p.stem.startswith("_"))
+
+
 @command(
     "bench",
-    "run a benchmark script from scripts/ (appends to docs/benchmarks.md): zoo bench NAME [script args]",
-    arg("name", help="hybrid, linear_scan, gla, delta_rule or mamba_cpu (scripts/bench_<name>.py)"),
-    arg("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script"),
+    "run a packaged benchmark and print its table: zoo bench NAME [--record FILE] [options]",
+    arg("name", help=f"one of {', '.join(_benchmarks())} (zoo/benchmarks/NAME.py); `zoo bench NAME --help` lists its options"),
+    arg("script_args", nargs=argparse.REMAINDER, help="options passed to the benchmark, e.g. --record docs/benchmarks.md"),
 )
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Run ``scripts/bench_<name>.py`` of this checkout with the given arguments."""
-    import runpy
+    """Run ``zoo.benchmarks.<name>.main`` with the given arguments (it appends its table only with --record FILE)."""
+    import importlib
 
-    from zoo.config import CONFIG_DIR
-
-    scripts = CONFIG_DIR.parent / "scripts"
-    path = scripts / f"bench_{args.name}.py"
-    if not path.is_file():
-        names = sorted(p.stem[len("bench_"):] for p in scripts.glob("bench_*.py"))
-        raise UsageError(f"no benchmark {args.name!r}; choose one of {', '.join(names) or '(none: run from a source checkout)'}.")
-    sys.argv = [str(path), *args.script_args]
-    runpy.run_path(str(path), run_name="__main__")
+    names = _benchmarks()
+    if args.name not in names:
+        raise UsageError(f"no benchmark {args.name!r}; choose one of {', '.join(names)}.")
+    saved, sys.argv = sys.argv, ["zoo", "bench", args.name, *args.script_args]  # the command the record shows
+    try:
+        importlib.import_module(f"zoo.benchmarks.{args.name}").main(list(args.script_args))
+    finally:
+        sys.argv = saved
     return 0
 
 

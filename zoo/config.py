@@ -18,7 +18,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: The configs that ship with the package (zoo/configs/; the checkout's top-level configs/ links here), so
+#: `zoo train mamba` and `--task mqar` work after a plain `pip install` outside the checkout.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SECTIONS = ("model", "train", "task")
 MODEL_KEYS = {
     "vocab_size": int, "d_model": int, "n_layers": int, "pattern": list | None, "layers": list | None,
@@ -61,14 +63,14 @@ def _suggest(key: str, allowed) -> str:
 
 
 def resolve_path(name: str | Path) -> Path:
-    """A config path; a bare name like ``mamba`` or ``tasks/mqar`` is looked up in the repo's ``configs/``."""
+    """A config path; a bare name like ``mamba`` or ``tasks/mqar`` is looked up in the packaged configs."""
     p = Path(name)
     if p.exists():
         return p
     for cand in (CONFIG_DIR / f"{name}.yaml", CONFIG_DIR / f"{name}"):
         if cand.is_file():
             return cand
-    raise ConfigError(f"config file {str(name)!r} not found; pass an existing YAML path (or a name from {CONFIG_DIR}).")
+    raise ConfigError(f"config file {str(name)!r} not found; pass an existing YAML path or a packaged config name ({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml')))}).")
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -83,7 +83,7 @@ def linear_scan_case(B: int, L: int, D: int) -> Case:
 
 def selective_scan_case(B: int, E: int, N: int, L: int) -> Case:
     from zoo.kernels import selective_scan
-    from zoo.kernels.selective_scan.reference import selective_scan_ref
+    from zoo.kernels.selective.reference import selective_scan_ref
 
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -114,7 +114,7 @@ def selective_scan_case(B: int, E: int, N: int, L: int) -> Case:
 
 def causal_conv1d_case(B: int, E: int, L: int, W: int) -> Case:
     from zoo.kernels import causal_conv1d
-    from zoo.kernels.causal_conv1d.reference import causal_conv1d_ref
+    from zoo.kernels.conv.reference import causal_conv1d_ref
 
     def make(dtype, device):
         return _leaves(dtype, device, params=("weight", "bias"), x=torch.randn(B, E, L, dtype=F64),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from zoo.kernels import causal_conv1d, causal_conv1d_update
-from zoo.kernels.causal_conv1d.reference import causal_conv1d_ref
+from zoo.kernels.conv.reference import causal_conv1d_ref
 
 F64 = torch.float64
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.bench import median_time, record
-from zoo.kernels.gla import chunk_gla
+from zoo.kernels import chunk_gla
 from zoo.kernels.gla.reference import gla_recurrent
 
 

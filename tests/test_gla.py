@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.kernels._dispatch import triton_available
-from zoo.kernels.gla import chunk_gla
+from zoo.kernels import chunk_gla, ssd, triton_available
 from zoo.kernels.gla.reference import gla_recurrent
-from zoo.kernels.ssd import ssd
+from zoo.kernels.ssd_scan.reference import ssd_ref
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 F64 = torch.float64

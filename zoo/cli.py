@@ -233,7 +233,7 @@ def _eval_passkey(args: argparse.Namespace) -> int:
 @command(
     "bench",
     "run a benchmark script from scripts/ (appends to docs/benchmarks.md): zoo bench NAME [script args]",
-    arg("name", help="hybrid, linear_scan, gla, delta_rule or mamba_cpu (scripts/bench_<name>.py)"),
+    arg("name", help="runs scripts/bench_<name>.py (gpu: every Triton kernel against its oracle); a wrong name lists them"),
     arg("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script"),
 )
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -13,7 +13,6 @@ description of what each mixer computes is its module docstring plus its section
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import os
 import re

@@ -61,7 +61,7 @@ def _leaves(dtype, device, params=(), **xs: torch.Tensor) -> dict[str, torch.Ten
 # ----- cases --------------------------------------------------------------------------------------------
 def linear_scan_case(B: int, L: int, D: int) -> Case:
     from zoo.kernels import linear_scan
-    from zoo.kernels.linear_scan import linear_scan_ref
+    from zoo.kernels.scan.reference import linear_scan_ref
 
     def make(dtype, device):
         a = torch.rand(B, L, D, dtype=F64) * 0.5 + 0.49  # positive decays: FLA's hgrn takes log(a)
@@ -83,7 +83,7 @@ def linear_scan_case(B: int, L: int, D: int) -> Case:
 
 def selective_scan_case(B: int, E: int, N: int, L: int) -> Case:
     from zoo.kernels import selective_scan
-    from zoo.kernels.selective_scan.reference import selective_scan_ref
+    from zoo.kernels.selective.reference import selective_scan_ref
 
     names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
@@ -114,7 +114,7 @@ def selective_scan_case(B: int, E: int, N: int, L: int) -> Case:
 
 def causal_conv1d_case(B: int, E: int, L: int, W: int) -> Case:
     from zoo.kernels import causal_conv1d
-    from zoo.kernels.causal_conv1d.reference import causal_conv1d_ref
+    from zoo.kernels.conv.reference import causal_conv1d_ref
 
     def make(dtype, device):
         return _leaves(dtype, device, params=("weight", "bias"), x=torch.randn(B, E, L, dtype=F64),
@@ -134,7 +134,7 @@ def causal_conv1d_case(B: int, E: int, L: int, W: int) -> Case:
 
 
 def gla_case(B: int, L: int, H: int, K: int, V: int, *, per_key: bool) -> Case:
-    from zoo.kernels.gla import chunk_gla
+    from zoo.kernels import chunk_gla
     from zoo.kernels.gla.reference import gla_recurrent
 
     def make(dtype, device):
@@ -163,7 +163,7 @@ def gla_case(B: int, L: int, H: int, K: int, V: int, *, per_key: bool) -> Case:
 
 def delta_rule_case(B: int, L: int, H: int, K: int, V: int, *, gated: bool) -> Case:
     from zoo.kernels import chunk_delta_rule
-    from zoo.kernels.delta_rule import delta_rule_reference
+    from zoo.kernels.delta_rule.reference import delta_rule_reference
 
     def make(dtype, device):
         xs = dict(q=F.normalize(torch.randn(B, L, H, K, dtype=F64), dim=-1),
@@ -199,19 +199,9 @@ def delta_rule_case(B: int, L: int, H: int, K: int, V: int, *, gated: bool) -> C
     )
 
 
-def _ssd_sequential(x, dt, A, B, C, D, h0):
-    """The Mamba-2 recurrence one step at a time: h = exp(dt A) h + dt x B^T, y = h C + D x."""
-    rep = x.shape[2] // B.shape[2]
-    state, ys = h0, []
-    for t in range(x.shape[1]):
-        Bt, Ct = B[:, t].repeat_interleave(rep, 1), C[:, t].repeat_interleave(rep, 1)  # (b, h, n)
-        state = (dt[:, t] * A).exp()[..., None, None] * state + (dt[:, t, :, None] * x[:, t])[..., None] * Bt[:, :, None]
-        ys.append((state * Ct[:, :, None]).sum(-1) + D[:, None] * x[:, t])
-    return [torch.stack(ys, 1), state]
-
-
 def ssd_case(b: int, L: int, h: int, p: int, g: int, n: int, chunk: int) -> Case:
-    from zoo.kernels.ssd import ssd
+    from zoo.kernels import ssd
+    from zoo.kernels.ssd_scan.reference import ssd_ref
 
     def make(dtype, device):
         return _leaves(dtype, device, params=("A", "D"), x=torch.randn(b, L, h, p, dtype=F64),
@@ -232,7 +222,7 @@ def ssd_case(b: int, L: int, h: int, p: int, g: int, n: int, chunk: int) -> Case
 
     return Case(
         "ssd", f"b={b} L={L} h={h} p={p} g={g} n={n}", make, ours,
-        lambda ins: _ssd_sequential(*(ins[k] for k in ("x", "dt", "A", "B", "C", "D", "h0"))),
+        lambda ins: list(ssd_ref(*(ins[k] for k in ("x", "dt", "A", "B", "C", "D")), initial_state=ins["h0"])),
         "mamba_ssm mamba_chunk_scan_combined", peer,
     )
 

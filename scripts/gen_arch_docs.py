@@ -15,7 +15,6 @@ change here.
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import os
 import re
@@ -60,34 +59,27 @@ def math_section(name: str, text: str) -> str:
 
 
 def kernel_backends() -> dict[str, list[str]]:
-    """Public kernel function -> backends it offers (torch always; triton when a triton.py exists; cuda when a
-    package is named for it)."""
+    """Public kernel function (``zoo.kernels.KERNELS``) -> backends it offers (torch always; triton when its
+    folder has a triton.py; cuda when a package is named for it)."""
     import zoo.kernels as K
 
-    out = {}
-    for fn, module in K._EXPORTS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            continue
-        if not hasattr(mod, fn):
-            continue
-        folder = Path(mod.__file__).parent
-        src = Path(mod.__file__).read_text()
+    out, sources = {}, {}
+    for name, fn in K.KERNELS.items():
+        path = Path(inspect.getfile(fn))
+        src = sources[name] = path.read_text()
         backends = ["torch"]
-        if (folder / "triton.py").is_file():
+        if (path.parent / "triton.py").is_file():
             backends.append("triton")
         pkg = re.search(r'cuda_package="([\w-]+)"', src)
         if pkg:
             backends.append(f"cuda ({pkg.group(1)})")
-        out[fn] = backends
-    for fn, module in K._EXPORTS.items():  # a thin wrapper of another kernel (ssd -> chunk_gla) has its backends
-        if out.get(fn) != ["torch"]:
+        out[name] = backends
+    for name, src in sources.items():  # a thin wrapper of another kernel (ssd -> chunk_gla) has its backends
+        if out[name] != ["torch"]:
             continue
-        src = Path(importlib.import_module(module).__file__).read_text()
         for dep in re.findall(r"from zoo\.kernels\.\w+ import (\w+)", src):
-            if dep in out and dep != fn and out[dep] != ["torch"]:
-                out[fn] = [b if b == "torch" else f"{b} (via {dep})" for b in out[dep]]
+            if dep in out and dep != name and out[dep] != ["torch"]:
+                out[name] = [b if b == "torch" else f"{b} (via {dep})" for b in out[dep]]
     return out
 
 
@@ -100,7 +92,7 @@ def kernels_used(cls: type) -> list[str]:
     for m in re.finditer(r"from zoo\.kernels(?:\.\w+)? import (\([^)]*\)|[^\n]+)", src):
         names.update(n.strip() for n in m.group(1).replace("(", "").replace(")", "").split(","))
     names.update(re.findall(r"\bkernels\.(\w+)\(", src))
-    return sorted(n for n in names if n in K._EXPORTS)
+    return sorted(n for n in names if n in K.KERNELS)
 
 
 def tiny_model(name: str, d: int = 64) -> zoo.ZooForCausalLM:

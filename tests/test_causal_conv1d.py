@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from zoo.kernels import causal_conv1d, causal_conv1d_update
-from zoo.kernels.causal_conv1d.reference import causal_conv1d_ref
+from zoo.kernels.conv.reference import causal_conv1d_ref
 
 F64 = torch.float64
 
@@ -114,7 +114,7 @@ def test_torch_any_width_equals_reference(W, monkeypatch):
     step, new = causal_conv1d_update(x[..., 0], h0, w, b, "silu")
     assert_close(step, out[..., 0], what="update")
     assert new.shape == h0.shape and torch.equal(new, torch.cat([h0, x[..., :1]], -1)[..., 1:]), "update state"
-    pkg = sys.modules["zoo.kernels.causal_conv1d"]
+    pkg = sys.modules["zoo.kernels.conv"]
 
     monkeypatch.setattr(pkg, "resolve_backend", lambda backend, *t, **k: backend)  # as if Triton could run here
     with pytest.raises(ValueError, match="backend takes conv widths 2 to 4"):

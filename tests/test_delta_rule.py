@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.kernels import chunk_delta_rule, triton_available
-from zoo.kernels.delta_rule import delta_rule_reference
+from zoo.kernels.delta_rule.reference import delta_rule_reference
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 NAMES = ("q", "k", "v", "beta", "g", "h0")

@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.kernels._dispatch import triton_available
-from zoo.kernels.gla import chunk_gla
+from zoo.kernels import chunk_gla, ssd, triton_available
 from zoo.kernels.gla.reference import gla_recurrent
-from zoo.kernels.ssd import ssd
+from zoo.kernels.ssd_scan.reference import ssd_ref
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 F64 = torch.float64
@@ -185,19 +184,6 @@ def test_triton_rejects_odd_chunk_size():
 
 
 # ----- ssd -------------------------------------------------------------------------------------------
-def ssd_sequential(x, dt, A, B, C, D, h0):
-    """Mamba-2 recurrence, one step at a time: h = exp(dt A) h + dt x B^T, y = h C + D x."""
-    b, l, h, p = x.shape
-    rep = h // B.shape[2]
-    state = h0 if h0 is not None else x.new_zeros(b, h, p, B.shape[-1])
-    ys = []
-    for t in range(l):
-        Bt, Ct = B[:, t].repeat_interleave(rep, 1), C[:, t].repeat_interleave(rep, 1)  # (b, h, n)
-        state = (dt[:, t] * A).exp()[..., None, None] * state + (dt[:, t, :, None] * x[:, t])[..., None] * Bt[:, :, None]
-        ys.append((state * Ct[:, :, None]).sum(-1) + (D[:, None] * x[:, t] if D is not None else 0))
-    return torch.stack(ys, 1), state
-
-
 def ssd_inputs(b=2, l=37, h=4, p=3, g=2, n=5, with_d=True, n_state=None):
     x = torch.randn(b, l, h, p, dtype=F64)
     dt = F.softplus(torch.randn(b, l, h, dtype=F64))
@@ -214,7 +200,7 @@ def test_ssd_equals_sequential(backend, with_d):
     ins = ssd_inputs(with_d=with_d)
     x, dt, A, B, C, D, h0 = ins
     y, hT = ssd(x, dt, A, B, C, D, chunk_size=16, initial_state=h0, return_final_state=True, backend=backend)
-    y_ref, h_ref = ssd_sequential(x, dt, A, B, C, D, h0)
+    y_ref, h_ref = ssd_ref(x, dt, A, B, C, D, initial_state=h0)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(hT, h_ref)
     leaves = [t for t in ins if t is not None]
@@ -232,7 +218,7 @@ def test_ssd_packed_equals_separate():
     y, hT = ssd(x, dt, A, B, C, D, chunk_size=16, initial_state=h0, return_final_state=True, cu_seqlens=cu)
     for i in range(2):
         s, e = int(cu[i]), int(cu[i + 1])
-        y_i, h_i = ssd_sequential(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D, h0[i : i + 1])
+        y_i, h_i = ssd_ref(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], D, initial_state=h0[i : i + 1])
         torch.testing.assert_close(y[:, s:e], y_i)
         torch.testing.assert_close(hT[i : i + 1], h_i)
 

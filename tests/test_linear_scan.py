@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zoo.kernels import linear_scan
-from zoo.kernels.linear_scan import linear_scan_ref
+from zoo.kernels.scan.reference import linear_scan_ref
 
 BACKENDS = ["torch", "triton"]
 WIDE = {torch.float32: torch.float64, torch.complex64: torch.complex128,
@@ -167,7 +167,7 @@ def test_tiny_and_zero_decays_stay_finite():
 def test_auto_backend_on_cpu_is_torch(monkeypatch):
     import sys
 
-    ls = sys.modules["zoo.kernels.linear_scan"]
+    ls = sys.modules["zoo.kernels.scan"]
     called = []
     monkeypatch.setattr(ls, "linear_scan_chunked", lambda *args, **kw: called.append(1) or linear_scan_ref(*args, **kw))
     a, b, _ = make_inputs(1, 4, 2, torch.float32)

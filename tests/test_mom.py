@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import zoo
 from zoo.kernels import triton_available
-from zoo.kernels.delta_rule import delta_rule_reference
+from zoo.kernels.delta_rule.reference import delta_rule_reference
 from zoo.mixers.mom import MoM
 from zoo.models.cache import RecurrentStateLayer, ZooCache
 

@@ -15,7 +15,7 @@ from torch import nn
 import zoo
 from zoo import registry
 from zoo.kernels import linear_scan
-from zoo.kernels.linear_scan import pad_identity
+from zoo.kernels.scan import pad_identity
 from zoo.mixers.base import RecurrentMixer, State
 from zoo.models import ZooConfig, ZooForCausalLM
 

@@ -12,12 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.kernels.causal_conv1d import causal_conv1d
-from zoo.kernels.delta_rule import chunk_delta_rule
-from zoo.kernels.gla import chunk_gla
-from zoo.kernels.linear_scan import linear_scan
-from zoo.kernels.selective_scan import selective_scan
-from zoo.kernels.ssd import ssd
+from zoo.kernels import causal_conv1d, chunk_delta_rule, chunk_gla, linear_scan, selective_scan, ssd
 from zoo.packing import (
     last_inputs,
     packed_cu_seqlens,

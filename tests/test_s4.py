@@ -9,7 +9,7 @@ import yaml
 from conftest import assert_long_bf16_finite
 
 from zoo.kernels import fft_conv
-from zoo.kernels.fft_conv import fft_conv_ref
+from zoo.kernels.long_conv.reference import fft_conv_ref
 from zoo.mixers.s4 import S4, hippo_legs_nplr
 from zoo.models.cache import RecurrentStateLayer, ZooCache
 from zoo.registry import get_mixer

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from zoo.kernels import selective_scan, selective_state_update
-from zoo.kernels.selective_scan.chunked import selective_scan_chunked
-from zoo.kernels.selective_scan.reference import selective_scan_ref
-from zoo.kernels.selective_scan.triton import selective_scan_triton
+from zoo.kernels.selective.chunked import selective_scan_chunked
+from zoo.kernels.selective.reference import selective_scan_ref
+from zoo.kernels.selective.triton import selective_scan_triton
 
 F64 = torch.float64
 

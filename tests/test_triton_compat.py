@@ -120,9 +120,9 @@ def _kernels(module, *names):
 
 
 CASES = {
-    "linear_scan": (_linear_scan, ("zoo.kernels.linear_scan.triton", "_scan_fwd_kernel", "_scan_bwd_kernel")),
-    "selective_scan": (_selective_scan, ("zoo.kernels.selective_scan.triton", "_fwd_kernel", "_bwd_kernel")),
-    "causal_conv1d": (_causal_conv1d, ("zoo.kernels.causal_conv1d.triton", "_fwd_kernel", "_bwd_kernel")),
+    "linear_scan": (_linear_scan, ("zoo.kernels.scan.triton", "_scan_fwd_kernel", "_scan_bwd_kernel")),
+    "selective_scan": (_selective_scan, ("zoo.kernels.selective.triton", "_fwd_kernel", "_bwd_kernel")),
+    "causal_conv1d": (_causal_conv1d, ("zoo.kernels.conv.triton", "_fwd_kernel", "_bwd_kernel")),
     "chunk_gla_scalar_g": (_gla(False), ("zoo.kernels.gla.triton", "_gla_fwd_kernel", "_gla_bwd_kernel")),
     "chunk_gla_per_key_g": (_gla(True), ("zoo.kernels.gla.triton", "_gla_fwd_kernel", "_gla_bwd_kernel")),
     "chunk_delta_rule": (_delta_rule, ("zoo.kernels.delta_rule.triton", "_fwd_kernel", "_bwd_kernel")),
@@ -168,11 +168,11 @@ def test_the_key_sees_a_constexpr_length(compile_keys):
 # ----- compiling for a real GPU target, without a GPU ---------------------------------------------------------
 def _launch_everything(dtype: torch.dtype) -> None:
     """Call every kernel's host code (bypassing the device checks of the public functions) on CPU tensors."""
-    from zoo.kernels.causal_conv1d.triton import causal_conv1d_triton
+    from zoo.kernels.conv.triton import causal_conv1d_triton
     from zoo.kernels.delta_rule.triton import chunk_delta_rule_triton
     from zoo.kernels.gla.triton import gla_triton
-    from zoo.kernels.linear_scan.triton import linear_scan_triton
-    from zoo.kernels.selective_scan.triton import selective_scan_triton
+    from zoo.kernels.scan.triton import linear_scan_triton
+    from zoo.kernels.selective.triton import selective_scan_triton
 
     def leaf(*shape, dt=dtype):
         return torch.randn(*shape).to(dt).requires_grad_()

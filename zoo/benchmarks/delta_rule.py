@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from zoo.bench import bench_parser, fwd_bwd, median_time, record, setup
 from zoo.kernels import chunk_delta_rule
-from zoo.kernels.delta_rule import delta_rule_reference
+from zoo.kernels.delta_rule.reference import delta_rule_reference
 
 
 def inputs(B: int, L: int, H: int, K: int, device, dtype) -> list[torch.Tensor]:

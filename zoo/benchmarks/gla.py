@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.bench import bench_parser, fwd_bwd, median_time, record, setup
-from zoo.kernels.gla import chunk_gla
+from zoo.kernels import chunk_gla
 from zoo.kernels.gla.reference import gla_recurrent
 
 

@@ -16,7 +16,7 @@ import torch
 
 from zoo.bench import bench_parser, median_time, record, setup
 from zoo.kernels import linear_scan
-from zoo.kernels.linear_scan import linear_scan_ref
+from zoo.kernels.scan.reference import linear_scan_ref
 
 
 def log_space_scan(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

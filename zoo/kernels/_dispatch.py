@@ -1,4 +1,4 @@
-"""Backend selection shared by every public kernel function."""
+"""Shared by every kernel folder: backend selection (:func:`resolve_backend`) and the accumulation dtype (:func:`compute_dtype`)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ def triton_available() -> bool:
     except Exception:
         return False
     return True
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel accumulates in: float32 for half-precision inputs, float32 / float64 / complex as they are."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def interpreting() -> bool:

@@ -15,7 +15,7 @@ from einops import rearrange
 from torch import nn
 
 from zoo.kernels import linear_scan
-from zoo.kernels.linear_scan import pad_identity
+from zoo.kernels.scan import pad_identity
 from zoo.mixers.base import RecurrentMixer, State
 from zoo.registry import register_mixer
 

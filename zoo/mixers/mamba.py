@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
-from zoo.kernels.selective_scan import selective_scan, selective_state_update
+from zoo.kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 from zoo.mixers.base import RecurrentMixer, State
 from zoo.nn.init import dt_bias_init
 from zoo.packing import last_inputs

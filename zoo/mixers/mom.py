@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.kernels import chunk_delta_rule, chunk_gla
-from zoo.kernels.causal_conv1d import causal_conv1d
+from zoo.kernels import causal_conv1d, chunk_delta_rule, chunk_gla
 from zoo.mixers.base import RecurrentMixer, State
 from zoo.nn import GatedRMSNorm, ShortConv
 from zoo.nn.init import dt_bias_init

@@ -12,7 +12,7 @@ follows removes anyway (up to its eps), so the three forms below compute the sam
 agree exactly - there are no scales to carry between them (the torchscale divergence cannot happen).
 
 Forms: ``mode="parallel"`` is ``(Q K^T * D) V`` with ``D[n, m] = gamma^(n-m)`` (quadratic in L);
-``mode="chunk"`` goes through :func:`zoo.kernels.gla.chunk_gla` (intra-chunk parallel, state carried across
+``mode="chunk"`` goes through :func:`zoo.kernels.chunk_gla` (intra-chunk parallel, state carried across
 chunks); ``step`` is the recurrence, used for decoding.
 """
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.kernels.gla import chunk_gla
+from zoo.kernels import chunk_gla
 from zoo.mixers.base import RecurrentMixer, State
 from zoo.nn import rotate_half
 from zoo.packing import from_padded_batch, packed_index, seq_ids, seq_index, to_padded_batch

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.kernels.fft_conv import fft_conv
+from zoo.kernels import fft_conv
 from zoo.mixers.base import RecurrentMixer, State
 from zoo.registry import register_mixer
 

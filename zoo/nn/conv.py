@@ -1,6 +1,6 @@
 """Short causal depthwise convolution (width 4 in Mamba / MoM) with a one-step update.
 
-The convolution itself is :func:`zoo.kernels.causal_conv1d.causal_conv1d` (one causal conv in the zoo); this
+The convolution itself is :func:`zoo.kernels.causal_conv1d` (one causal conv in the zoo); this
 module holds the parameters in the ``(E, W)`` layout and carries the conv state.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from zoo.kernels.causal_conv1d import causal_conv1d, causal_conv1d_update
+from zoo.kernels import causal_conv1d, causal_conv1d_update
 from zoo.packing import last_inputs
 
 

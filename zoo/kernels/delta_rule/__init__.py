@@ -6,10 +6,9 @@ import torch
 
 from zoo.kernels._dispatch import resolve_backend
 from zoo.kernels.delta_rule.chunked import chunk_delta_rule_torch
-from zoo.kernels.delta_rule.reference import delta_rule_reference
 from zoo.packing import validate_cu_seqlens
 
-__all__ = ["chunk_delta_rule", "delta_rule_reference"]
+__all__ = ["chunk_delta_rule"]
 
 
 def _check(q, k, v, beta, g, initial_state, cu_seqlens, chunk_size) -> None:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from zoo.kernels._dispatch import resolve_backend
-from zoo.kernels.selective_scan.reference import selective_state_update
+from zoo.kernels._dispatch import compute_dtype, resolve_backend
 from zoo.packing import validate_cu_seqlens
 
 __all__ = ["selective_scan", "selective_state_update"]
@@ -70,11 +70,11 @@ def selective_scan(
     backend = resolve_backend(backend, u, op="selective_scan", cuda_package="mamba_ssm")
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if backend == "torch":
-        from zoo.kernels.selective_scan.chunked import selective_scan_chunked
+        from zoo.kernels.selective.chunked import selective_scan_chunked
 
         return selective_scan_chunked(*args, initial_state=initial_state, cu_seqlens=cu_seqlens)
     if backend == "triton":
-        from zoo.kernels.selective_scan.triton import selective_scan_triton
+        from zoo.kernels.selective.triton import selective_scan_triton
 
         return selective_scan_triton(*args, initial_state=initial_state, cu_seqlens=cu_seqlens)
     if initial_state is not None or cu_seqlens is not None:
@@ -84,3 +84,49 @@ def selective_scan(
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
     return selective_scan_fn(*args)
+
+
+def selective_state_update(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step of the selective scan.
+
+    state ``(B, E, N)``, x / dt / z ``(B, E)``, A ``(E, N)``, B / C ``(B, N)`` or ``(B, G, N)``, D / dt_bias ``(E,)``.
+    Returns ``out (B, E)`` in x's dtype and the new state (state's dtype). Unlike mamba_ssm's function the
+    state is not modified in place, so autograd and beam search can keep the old one.
+    """
+    if state.dim() != 3 or x.shape != state.shape[:2] or dt.shape != x.shape or A.shape != state.shape[1:]:
+        raise ValueError(
+            f"selective_state_update: expected state (B, E, N), x and dt (B, E), A (E, N); got state "
+            f"{tuple(state.shape)}, x {tuple(x.shape)}, dt {tuple(dt.shape)}, A {tuple(A.shape)}."
+        )
+    f = compute_dtype(state.dtype)
+    E = x.shape[1]
+    dtf = dt.to(f)
+    if dt_bias is not None:
+        dtf = dtf + dt_bias.to(f)
+    if dt_softplus:
+        dtf = F.softplus(dtf)
+    Bg = B[:, None] if B.dim() == 2 else B  # (B, G, N)
+    Cg = C[:, None] if C.dim() == 2 else C
+    if E % Bg.shape[1]:
+        raise ValueError(f"selective_state_update: {Bg.shape[1]} groups of B/C must divide the {E} channels.")
+    Be = Bg.to(f).repeat_interleave(E // Bg.shape[1], dim=1)  # (B, E, N)
+    Ce = Cg.to(f).repeat_interleave(E // Cg.shape[1], dim=1)
+    xf = x.to(f)
+    h = torch.exp(dtf[..., None] * A.to(f)) * state.to(f) + (dtf * xf)[..., None] * Be
+    y = (h * Ce).sum(-1)  # (B, E)
+    if D is not None:
+        y = y + xf * D.to(f)
+    if z is not None:
+        y = y * F.silu(z.to(f))
+    return y.to(x.dtype), h.to(state.dtype)

@@ -1,4 +1,4 @@
-"""Direct (quadratic) long convolution: the float64 oracle for :func:`zoo.kernels.fft_conv.fft_conv`."""
+"""Direct (quadratic) long convolution: the float64 oracle for :func:`zoo.kernels.fft_conv`."""
 
 from __future__ import annotations
 

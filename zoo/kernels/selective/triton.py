@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from zoo.kernels.selective_scan.reference import grouped
+from zoo.kernels._dispatch import compute_dtype
+from zoo.kernels.selective.chunked import grouped
 from zoo.packing import sequence_starts
 
 
@@ -279,7 +280,7 @@ def selective_scan_triton(
     if cu_seqlens is not None:
         keep = (~sequence_starts(cu_seqlens, L)).to(torch.float32)  # decay 0 at sequence starts
     chunk = chunk_size  # not clipped to L: the chunk is a compile-time constant and must not follow the length
-    f = torch.float64 if u.dtype == torch.float64 else torch.float32
+    f = compute_dtype(u.dtype)
 
     def c(t):
         return None if t is None else t.contiguous()

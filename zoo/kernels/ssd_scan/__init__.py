@@ -1,4 +1,4 @@
-"""``ssd``: the Mamba-2 state-space dual scan, as a thin call of :func:`zoo.kernels.gla.chunk_gla`.
+"""``ssd``: the Mamba-2 state-space dual scan, as a thin call of :func:`zoo.kernels.chunk_gla`.
 
 Per head h with group ``h // (H / G)``: ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T`` (state P x N),
 ``y_t = h_t C_t + D x_t``. That is gated linear attention with q = C, k = B, v = x * dt, log-decay dt * A

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from zoo.kernels.fft_conv.reference import fft_conv_ref
-
-__all__ = ["fft_conv", "fft_conv_ref"]
+__all__ = ["fft_conv"]
 
 
 def fft_conv(

@@ -12,8 +12,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from zoo.kernels.selective_scan.reference import compute_dtype, grouped
+from zoo.kernels._dispatch import compute_dtype
 from zoo.packing import sequence_starts
+
+
+def grouped(BC: torch.Tensor) -> torch.Tensor:
+    """``(B, N, L)`` -> ``(B, 1, N, L)``; ``(B, G, N, L)`` unchanged."""
+    return BC[:, None] if BC.dim() == 3 else BC
 
 
 def _addcmul_into(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -125,7 +130,7 @@ def selective_scan_chunked(
     """Chunked selective scan; same arguments as :func:`zoo.kernels.selective_scan`."""
     if chunk_size < 1 or chunk_size & (chunk_size - 1):
         raise ValueError(f"selective_scan: chunk_size must be a power of two, got {chunk_size}.")
-    f = compute_dtype(u)
+    f = compute_dtype(u.dtype)
     Bsz, E, L = u.shape
     N = A.shape[-1]
     Bg, Cg = grouped(B), grouped(C)

@@ -9,13 +9,12 @@ from __future__ import annotations
 import torch
 
 from zoo.kernels._dispatch import resolve_backend
-from zoo.kernels.linear_scan.chunked import linear_scan_chunked
-from zoo.kernels.linear_scan.reference import linear_scan_ref
+from zoo.kernels.scan.chunked import linear_scan_chunked
 from zoo.packing import seq_lengths, validate_cu_seqlens
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
 
-__all__ = ["linear_scan", "linear_scan_ref", "linear_scan_chunked", "pad_identity"]
+__all__ = ["linear_scan", "pad_identity"]
 
 
 def pad_identity(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +82,7 @@ def linear_scan(
             base = h0.to(last.dtype) if h0 is not None else last.new_zeros(cu.numel() - 1, last.shape[-1])
             return h, base.index_copy(0, kept, last)
     if backend == "triton":
-        from zoo.kernels.linear_scan.triton import linear_scan_triton
+        from zoo.kernels.scan.triton import linear_scan_triton
 
         return linear_scan_triton(a, b, h0, reverse=reverse, cu_seqlens=cu_seqlens)
     return linear_scan_chunked(a, b, h0, reverse=reverse, cu_seqlens=cu_seqlens)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half-precision inputs are scanned in float32; float32/64 and complex dtypes as they are."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+from zoo.kernels._dispatch import compute_dtype
 
 
 def linear_scan_ref(

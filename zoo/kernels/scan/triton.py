@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from zoo.kernels.linear_scan.reference import compute_dtype
+from zoo.kernels._dispatch import compute_dtype
 
 
 @triton.jit

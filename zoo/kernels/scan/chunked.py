@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from zoo.kernels.linear_scan.reference import compute_dtype
+from zoo.kernels._dispatch import compute_dtype
 
 Slab = Callable[[int], torch.Tensor]
 

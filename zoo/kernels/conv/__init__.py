@@ -84,7 +84,7 @@ def causal_conv1d(
     if backend == "torch":
         out = _conv_torch(x, weight, bias, silu, initial_states, pos)
     elif backend == "triton":
-        from zoo.kernels.causal_conv1d.triton import causal_conv1d_triton
+        from zoo.kernels.conv.triton import causal_conv1d_triton
 
         out = causal_conv1d_triton(x, weight, bias, silu, initial_states, pos)
     else:

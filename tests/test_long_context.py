@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.models import ZooConfig, ZooForCausalLM
-from zoo.models import modeling
+from zoo.models import ZooConfig, ZooForCausalLM, modeling
 from zoo.models.loss import causal_lm_loss, tiled_causal_lm_loss
 from zoo.nn.mlp import GeluMLP, SwiGLU
 
@@ -193,6 +192,10 @@ def test_model_with_tiled_mlp_equals_untiled():
     b, gb = run(tiled, x, y)
     torch.testing.assert_close(a.loss, b.loss, rtol=1e-6, atol=1e-6)
     assert_grads_close(ga, gb, rtol=1e-5, atol=1e-7)
+    tiled.gradient_checkpointing_enable()  # tiles checkpointed inside checkpointed blocks
+    c, gc = run(tiled, x, y)
+    torch.testing.assert_close(a.loss, c.loss, rtol=1e-6, atol=1e-6)
+    assert_grads_close(ga, gc, rtol=1e-5, atol=1e-7)
 
 
 def test_chunk_sizes_are_validated():

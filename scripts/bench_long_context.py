@@ -61,7 +61,9 @@ def build(name: str, setting: str, *, d_model: int, n_layers: int, vocab: int, m
                 tie_word_embeddings=True,
             )
             model = transformers.LlamaForCausalLM(cfg)
-        if setting == "ckpt":
+        if setting == "ckpt" and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif setting == "ckpt":
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model.train()
 
@@ -223,27 +225,31 @@ def main(argv=None) -> int:
 
     if args.quick:
         torch.set_num_threads(1)
-    header = ["model", "setting", "L", "peak MiB", "KB/token", "µs/token", "vs plain (time)"]
+    # KB/token: the step's extra memory over L (includes fixed costs: weight gradients, one loss tile);
+    # marginal KB/token: its growth from the previous L over the added tokens, i.e. what each token costs.
+    header = ["model", "setting", "L", "peak MiB", "KB/token", "marginal KB/token", "µs/token", "vs plain (time)"]
     rows, longest = [], {}
     for name, setting in cases(args):
-        failed = False
+        failed, prev = False, None
         for L in sorted(args.lengths):
             if failed:
-                rows.append([name, setting, L, "skipped", "", "", ""])
+                rows.append([name, setting, L, "skipped", "", "", "", ""])
                 continue
             res = measure(name, setting, L, args) if args.quick else run_child(name, setting, L, args)
             if "status" in res:
                 failed = True
-                rows.append([name, setting, L, res["status"], "", "", ""])
+                rows.append([name, setting, L, res["status"], "", "", "", ""])
                 continue
             longest[(name, setting)] = L
             us = res["seconds"] / L * 1e6
+            marginal = "" if prev is None else round((res["step_bytes"] - prev[1]) / (L - prev[0]) / 1e3, 2)
+            prev = (L, res["step_bytes"])
             rows.append([name, setting, L, round(res["peak_bytes"] / 2**20, 1), round(res["step_bytes"] / L / 1e3, 2),
-                         round(us, 2), ""])
+                         marginal, round(us, 2), ""])
     for row in rows:  # time relative to the same model's plain setting at the same L
-        ref = next((r[5] for r in rows if r[0] == row[0] and r[1] == "plain" and r[2] == row[2]), None)
-        if isinstance(ref, float) and isinstance(row[5], float) and ref > 0:
-            row[6] = f"{row[5] / ref:.2f}x"
+        ref = next((r[6] for r in rows if r[0] == row[0] and r[1] == "plain" and r[2] == row[2]), None)
+        if isinstance(ref, float) and isinstance(row[6], float) and ref > 0:
+            row[7] = f"{row[6] / ref:.2f}x"
     from zoo.bench import markdown_table, record
 
     summary = [[n, s, longest.get((n, s), "none")] for n, s in cases(args)]

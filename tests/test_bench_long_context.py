@@ -40,7 +40,7 @@ def test_quick_run_measures_every_case_and_records_only_when_asked(tmp_path, cap
     assert names == expected
     for r in rows:  # a number in the memory and time columns, no failure
         cells = [c.strip() for c in r.strip("|").split("|")]
-        float(cells[3]), float(cells[5])
+        float(cells[3]), float(cells[4]), float(cells[6])
 
     out = tmp_path / "bench.md"
     assert bench.main(["--quick", "--lengths", "32", "--device", "cpu", "--models", "mamba2", "--settings", "tiled",

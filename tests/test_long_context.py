@@ -282,3 +282,19 @@ def test_train_config_memory_keys(tmp_path):
     assert not model.model.gradient_checkpointing and not model.model.activation_offload
     with pytest.raises(ValueError, match="activation_checkpointing"):
         TrainConfig(activation_checkpointing="yes")
+    with pytest.raises(ValueError, match="train.activation_checkpointing: .*no mixer"):
+        apply_memory_settings(make(hybrid()), TrainConfig(activation_checkpointing=["retnet"]))
+
+
+def test_yaml_keys_are_read():
+    import zoo
+
+    run = zoo.load_config({
+        "model": {"pattern": ["mamba", "attention"], "d_model": 32, "mlp_chunk_size": 8, "loss_chunk_size": 0,
+                  "mixers": {"attention": {"n_heads": 4}}},
+        "train": {"activation_checkpointing": ["attention"], "activation_offload": True},
+    })
+    assert run.train.activation_checkpointing == ["attention"] and run.train.activation_offload
+    assert run.model.mlp_chunk_size == 8 and run.model.loss_chunk_size == 0
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        zoo.load_config({"train": {"activation_checkpointing": "yes"}})

@@ -116,7 +116,10 @@ def apply_memory_settings(model: Any, tc: Any) -> None:
     """``train.activation_checkpointing`` / ``train.activation_offload`` on a zoo model (see docs/long-context.md)."""
     ac = tc.activation_checkpointing
     if ac is not False:
-        model.gradient_checkpointing_enable(mixers=None if ac is True else list(ac), offload=tc.activation_offload)
+        try:
+            model.gradient_checkpointing_enable(mixers=None if ac is True else list(ac), offload=tc.activation_offload)
+        except ValueError as e:
+            raise ValueError(f"train.activation_checkpointing: {e}") from None
     elif tc.activation_offload:
         for module in model.modules():
             if hasattr(module, "activation_offload"):

@@ -11,9 +11,9 @@ from zoo.nn.mlp import GeluMLP, SwiGLU
 V, D = 101, 32
 
 
-def hybrid(tie=False, **kw):
+def hybrid(tie=False, n_layers=2, **kw):
     return ZooConfig(
-        vocab_size=V, d_model=D, n_layers=2, pattern=["mamba2", "attention"], tie_word_embeddings=tie,
+        vocab_size=V, d_model=D, n_layers=n_layers, pattern=["mamba2", "attention"], tie_word_embeddings=tie,
         mixers={"attention": {"n_heads": 4}, "mamba2": {"d_state": 8, "headdim": 8, "chunk_size": 8}}, **kw,
     )
 
@@ -234,12 +234,31 @@ def test_offload_context_uses_save_on_cpu_only_when_enabled(monkeypatch):
             return False
 
     monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Spy)
-    with modeling.offload_context(False):
-        pass
+    for enabled, device in [(False, "cpu"), (True, "cpu"), (False, "cuda")]:
+        with modeling.offload_context(enabled, torch.device(device)):
+            pass
     assert entered == []
-    with modeling.offload_context(True):
+    with modeling.offload_context(True, torch.device("cuda")):
         pass
     assert entered == [True]
+
+
+def test_offload_with_checkpointing_moves_only_block_inputs_and_keeps_gradients(monkeypatch):
+    # The CUDA path run on CPU: save_on_cpu without pinning, forced for CPU tensors.
+    x, y = batch()
+    model = make(hybrid(n_layers=3))
+    _, ref = run(model, x, y)
+    packed = []
+
+    class Offload(torch.autograd.graph.saved_tensors_hooks):
+        def __init__(self):
+            super().__init__(lambda t: packed.append(tuple(t.shape)) or t.clone(), lambda t: t)
+
+    monkeypatch.setattr(modeling, "offload_context", lambda enabled, device: Offload() if enabled else None)
+    model.gradient_checkpointing_enable(offload=True)
+    _, got = run(model, x, y)
+    assert packed == [(2, 23, D)] * 3  # one saved input per checkpointed block, nothing else
+    assert_grads_close(got, ref, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA offload needs a GPU")

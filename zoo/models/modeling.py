@@ -275,7 +275,7 @@ class ZooModel(ZooPreTrainedModel):
         hidden = [] if output_hidden_states else None
         grad = self.training and torch.is_grad_enabled()
         chosen = 0
-        with offload_context(grad and self.activation_offload and x.is_cuda):
+        with offload_context(grad and self.activation_offload, x.device):
             for spec, block in zip(self.config.layers, self.layers):
                 if hidden is not None:
                     hidden.append(x)
@@ -312,9 +312,11 @@ def _run_block(block: ZooBlock, x, attention_mask, cu_seqlens):
     return block(x, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
 
 
-def offload_context(enabled: bool) -> contextlib.AbstractContextManager:
-    """``save_on_cpu`` (pinned) when ``enabled``, else nothing: the tensors autograd saves wait in host memory."""
-    return torch.autograd.graph.save_on_cpu(pin_memory=True) if enabled else contextlib.nullcontext()
+def offload_context(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    """``save_on_cpu`` (pinned) when ``enabled`` on CUDA, else nothing: the tensors autograd saves wait in host memory."""
+    if enabled and device.type == "cuda":
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+    return contextlib.nullcontext()
 
 
 @dataclass

@@ -44,18 +44,22 @@ class TiledLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+        """Returns the mean loss and, per row, the argmax of its logits (not differentiable; for accuracy)."""
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        preds = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk_size):
             logits = F.linear(hidden[s : s + chunk_size], weight).float()  # (chunk, V)
             total += F.cross_entropy(logits, targets[s : s + chunk_size], ignore_index=IGNORE_INDEX, reduction="sum")
+            preds[s : s + chunk_size] = logits.argmax(-1)
         count = (targets != IGNORE_INDEX).sum()
         ctx.save_for_backward(hidden, weight, targets, count)
         ctx.chunk_size = chunk_size
-        return total / count  # nan when nothing is labelled, as F.cross_entropy
+        ctx.mark_non_differentiable(preds)
+        return total / count, preds  # nan when nothing is labelled, as F.cross_entropy
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx, grad_out: torch.Tensor, _grad_preds=None):
         hidden, weight, targets, count = ctx.saved_tensors
         chunk = ctx.chunk_size
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -91,14 +95,24 @@ def tiled_causal_lm_loss(
     ``hidden`` is ``(B, L, D)`` (the final-norm output), ``weight`` the LM head's ``(V, D)``. Under autocast the head
     runs in the autocast dtype, as ``nn.Linear`` would.
     """
+    targets = shift_labels(labels.to(hidden.device), cu_seqlens).reshape(-1)
+    return tiled_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets, chunk_size=chunk_size)[0]
+
+
+def tiled_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 1024
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean ``cross_entropy(F.linear(hidden, weight), targets)`` over targets != -100, and each row's argmax.
+
+    ``hidden`` (N, D), ``weight`` (V, D), ``targets`` (N,); at most ``chunk_size`` rows of logits exist at a time
+    (forward and backward). Under autocast the head runs in the autocast dtype, as ``nn.Linear`` would.
+    """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1 (got {chunk_size}); use causal_lm_loss for the untiled loss.")
-    targets = shift_labels(labels.to(hidden.device), cu_seqlens).reshape(-1)
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
     else:
         dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    h = hidden.reshape(-1, hidden.shape[-1]).to(dtype)
     with torch.autocast(device_type, enabled=False):
-        return TiledLinearCrossEntropy.apply(h, weight.to(dtype), targets, int(chunk_size))
+        return TiledLinearCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), targets, int(chunk_size))

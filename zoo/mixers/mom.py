@@ -65,6 +65,8 @@ class MoM(RecurrentMixer):
     """
 
     causal = True
+    #: Decay parameters stay float32 when the model is cast to bf16/fp16 (read by ``ZooPreTrainedModel``).
+    keep_in_fp32 = ("A_log", "dt_bias")
 
     def __init__(
         self,

@@ -63,6 +63,10 @@ class S4(RecurrentMixer):
     ``glu`` (output linear to 2D followed by a GLU, as in the S4 repository, else a D -> D linear).
     """
 
+    #: SSM parameters stay float32 when the model is cast to bf16/fp16 (read by ``ZooPreTrainedModel``):
+    #: rounded to bf16, dt, A, B and C move the kernel by tens of percent.
+    keep_in_fp32 = ("log_dt", "log_A_real", "A_imag", "B", "C", "P")
+
     def __init__(
         self,
         d_model: int,

@@ -6,8 +6,8 @@ tokens <= 1.3% (retnet), mom 0.2%. Before the fix s4 was 4.5% (its SSM parameter
 mom's decode 6.9% (the step path rounded differently from the scan).
 
 MoM's router picks the top-k memories, a discontinuous choice: under bf16 the residual stream moves by ~1% and
-about 0.5% of the tokens at layer 2 pick another memory, which moves the output by ~8% -- the fp32 model itself
-moves as much under a 1% perturbation of its input. So the fp32/bf16 comparison pins MoM's routing to the fp32
+about 0.4% of the tokens at layer 2 pick another memory, which moves the output by ~7% -- the fp32 model itself
+moves 14% under a 1.3% random perturbation of its input (no bf16 involved). So the fp32/bf16 comparison pins MoM's routing to the fp32
 model's choices (the weights are still computed from each model's own router) and checks everything else.
 """
 
@@ -115,8 +115,8 @@ def _declared(model):
 def test_keep_in_fp32_survives_to_from_pretrained_and_default_dtype(name, tmp_path):
     m32 = make(name, n_layers=1)
     ref = {n: p.detach().clone() for n, p in _declared(m32).items()}
-    assert {n.rsplit(".", 1)[1] for n in ref} >= set(
-        {"s4": ("log_dt", "log_A_real", "A_imag", "B", "C"), "mom": ("A_log", "dt_bias")}[name]
+    assert {n.split(".mixer.", 1)[1] for n in ref} >= set(
+        {"s4": ("log_dt", "log_A_real", "A_imag", "B", "C"), "mom": ("A_log", "dt_bias", "router.weight")}[name]
     )
 
     def check(model, how):

@@ -11,6 +11,14 @@ Routing is done by sorting: every (token, memory) assignment is sorted memory-ma
 per-(memory, sequence) sequences and run through one kernel call with ``cu_seqlens``, so work is linear in the
 number of routed tokens. Capacity is unlimited: no token is ever dropped, however unbalanced the router is;
 the Switch-style load-balancing loss (``aux_loss_scale``, 0.01) is what keeps the load even.
+
+Precision: the projections run in the activations' dtype (bf16 under autocast or a bf16 model); the short
+convolutions, normalisation, gates, the memory recurrence, the mixing and the gated norm run in at least float32
+(autocast off), in the scan and the step alike, so bf16 decode equals the bf16 forward (2e-4 relative over 128
+tokens). The router, ``A_log`` and ``dt_bias`` stay float32. Top-k routing itself is discontinuous: in a bf16
+model the residual stream moves by ~1%, which re-routes ~0.5% of the tokens of a randomly initialised model and
+moves its output by ~7% at L=2048 -- the fp32 model moves as much under a 1% perturbation of its input. With the
+routing choices held fixed, bf16 is within 2% of fp32 (tests/test_bf16.py).
 """
 
 from __future__ import annotations
@@ -70,8 +78,9 @@ class MoM(RecurrentMixer):
     """
 
     causal = True
-    #: Decay parameters stay float32 when the model is cast to bf16/fp16 (read by ``ZooPreTrainedModel``).
-    keep_in_fp32 = ("A_log", "dt_bias")
+    #: Stay float32 when the model is cast to bf16/fp16 (read by ``ZooPreTrainedModel``): the decay parameters,
+    #: and the router, whose top-k choice is discontinuous (a bf16-rounded router re-routes more tokens).
+    keep_in_fp32 = ("A_log", "dt_bias", "router.weight")
 
     def __init__(
         self,

@@ -107,12 +107,13 @@ class ZooPreTrainedModel(PreTrainedModel):
     # model built under a bf16 default dtype (``post_init`` casts them back). Training under bf16 autocast keeps
     # every weight in float32 anyway.
     def fp32_parameters(self) -> dict[str, nn.Parameter]:
-        """Full name -> parameter for every parameter a mixer declares in ``keep_in_fp32``."""
+        """Full name -> parameter for every parameter a mixer declares in ``keep_in_fp32`` (names relative to it)."""
         out = {}
         for prefix, module in self.named_modules():
             for name in getattr(type(module), "keep_in_fp32", ()):
-                param = module._parameters.get(name)
-                if param is not None:
+                owner, _, leaf = name.rpartition(".")
+                param = (module.get_submodule(owner) if owner else module)._parameters.get(leaf)
+                if param is not None:  # (an optional parameter may be None)
                     out[f"{prefix}.{name}" if prefix else name] = param
         return out
 

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import inspect
 import math
+import re
 from dataclasses import dataclass, fields
 
 import torch
@@ -147,6 +148,47 @@ class ZooPreTrainedModel(PreTrainedModel):
                 module.activation_offload = False
         if getattr(self, "_require_grads_hook", None) is not None:
             self.disable_input_require_grads()
+
+    # ----- parameters kept in float32 ---------------------------------------------------------------
+    # A mixer lists the parameters that must never be stored below float32 (SSM parameters such as S4's log_dt,
+    # A, B, C, decay rates) in its class attribute ``keep_in_fp32``; this is the one reader of that declaration.
+    # It holds for ``model.to(torch.bfloat16)`` / ``.half()`` (``_apply``), for ``from_pretrained(...,
+    # dtype=torch.bfloat16)`` (transformers' ``_keep_in_fp32_modules_strict``, set in ``post_init``) and for a
+    # model built under a bf16 default dtype (``post_init`` casts them back). Training under bf16 autocast keeps
+    # every weight in float32 anyway.
+    def fp32_parameters(self) -> dict[str, nn.Parameter]:
+        """Full name -> parameter for every parameter a mixer declares in ``keep_in_fp32`` (names relative to it)."""
+        out = {}
+        for prefix, module in self.named_modules():
+            for name in getattr(type(module), "keep_in_fp32", ()):
+                owner, _, leaf = name.rpartition(".")
+                param = (module.get_submodule(owner) if owner else module)._parameters.get(leaf)
+                if param is not None:  # (an optional parameter may be None)
+                    out[f"{prefix}.{name}" if prefix else name] = param
+        return out
+
+    def post_init(self) -> None:
+        super().post_init()
+        keep = self.fp32_parameters()
+        with torch.no_grad():
+            for param in keep.values():
+                if param.is_floating_point() and torch.finfo(param.dtype).bits < 32:
+                    param.data = param.data.float()
+        # Anchored at a name boundary, so that layers.1.mixer.B does not also match layers.11.mixer.B.
+        self._keep_in_fp32_modules_strict |= {rf"(?:^|\.){re.escape(name)}$" for name in keep}
+
+    def _apply(self, fn, recurse: bool = True):
+        keep = {id(t) for p in self.fp32_parameters().values() for t in (p, p.grad) if t is not None}
+        if not keep:
+            return super()._apply(fn, recurse)
+
+        def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if id(t) in keep and out.is_floating_point() and torch.finfo(out.dtype).bits < 32:
+                out = t.to(device=out.device, dtype=torch.float32)  # the move without the downcast
+            return out
+
+        return super()._apply(at_least_fp32, recurse)
 
     def _init_weights(self, module: nn.Module) -> None:
         # Mixers initialise themselves (each paper's scheme); only the model's own layers are set here.

@@ -27,7 +27,7 @@ MODEL_KEYS = {
     "mixers": dict | None, "mlp": str, "mlp_hidden": int | None, "moe": dict | None, "norm_eps": float,
     "tie_word_embeddings": bool, "initializer_range": float, "rescale_prenorm_residual": bool,
     "pooling": Literal["auto", "last", "mean"], "num_labels": int,
-    "pad_token_id": int | None, "bos_token_id": int | None, "eos_token_id": int | None,
+    "loss_chunk_size": int, "mlp_chunk_size": int, "pad_token_id": int | None, "bos_token_id": int | None, "eos_token_id": int | None,
 }
 MODEL_ALIASES = {"tie_embeddings": "tie_word_embeddings"}
 

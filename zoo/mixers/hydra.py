@@ -44,6 +44,7 @@ class Hydra(Mixer):
     causal = False
     has_step = False
     no_weight_decay = ("dt_bias", "A_log", "D")  # no weight decay (zoo.train.optim.no_decay_names)
+    keep_in_fp32 = ("dt_bias", "A_log", "D")  # SSM parameters stay float32 in a bf16 model (modeling reads it)
 
     def __init__(
         self,

@@ -44,6 +44,7 @@ class Mamba(RecurrentMixer):
     test_settings = {"d_state": 8}
 
     no_weight_decay = ("A_log", "D")  # no weight decay (zoo.train.optim.no_decay_names)
+    keep_in_fp32 = ("A_log", "D", "dt_proj.bias")  # SSM parameters stay float32 in a bf16 model (modeling reads it)
 
     def __init__(
         self,

@@ -42,6 +42,7 @@ class Mamba2(RecurrentMixer):
     test_settings = {"d_state": 16, "headdim": 8, "chunk_size": 8}
 
     no_weight_decay = ("dt_bias", "A_log", "D")  # no weight decay (zoo.train.optim.no_decay_names)
+    keep_in_fp32 = ("dt_bias", "A_log", "D")  # SSM parameters stay float32 in a bf16 model (modeling reads it)
 
     def __init__(
         self,

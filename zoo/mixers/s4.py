@@ -73,6 +73,9 @@ class S4(RecurrentMixer):
     test_settings = {"d_state": 16}
 
     no_weight_decay = ("log_dt", "log_A_real", "A_imag", "B", "P")  # no weight decay (zoo.train.optim.no_decay_names)
+    #: SSM parameters stay float32 when the model is cast to bf16/fp16 (read by ``ZooPreTrainedModel``):
+    #: rounded to bf16, dt, A, B and C move the kernel by tens of percent.
+    keep_in_fp32 = ("log_dt", "log_A_real", "A_imag", "B", "C", "P")
 
     def __init__(
         self,
@@ -174,7 +177,15 @@ class S4(RecurrentMixer):
         return torch.fft.irfft(T, n=L, dim=-1) if real else torch.fft.ifft(T, n=L, dim=-1)
 
     def kernel(self, L: int) -> torch.Tensor:
-        """The convolution kernel ``K_l = 2 Re(C A_bar^l B_bar)``, ``(Hc, L)`` real."""
+        """The convolution kernel ``K_l = 2 Re(C A_bar^l B_bar)``, ``(Hc, L)`` real, in float32 even under autocast."""
+        with self._no_autocast():
+            return self._kernel(L)
+
+    def _no_autocast(self):
+        """The SSM (kernel, carried states, step) runs in float32 even under bf16 autocast; only out_proj is cast."""
+        return torch.autocast(self.log_dt.device.type, enabled=False)
+
+    def _kernel(self, L: int) -> torch.Tensor:
         if self.mode == "s4d":
             dt, A, B, C, _ = self._params()
             dtA = dt[:, None] * A  # (Hc, N2)
@@ -248,6 +259,12 @@ class S4(RecurrentMixer):
         self, u: torch.Tensor, k: torch.Tensor, state: State | None, n_pad: torch.Tensor | None, return_state: bool
     ) -> tuple[torch.Tensor, State | None]:
         """SSM convolution of u ``(B, L, H)`` with the first taps of k ``(Hc, >=L)``; returns pre-activation y."""
+        with self._no_autocast():
+            return self._convolve_fp32(u, k, state, n_pad, return_state)
+
+    def _convolve_fp32(
+        self, u: torch.Tensor, k: torch.Tensor, state: State | None, n_pad: torch.Tensor | None, return_state: bool
+    ) -> tuple[torch.Tensor, State | None]:
         Bsz, L, H = u.shape
         ut = u.transpose(1, 2)  # (B, H, L)
         k = k[:, :L]
@@ -355,8 +372,12 @@ class S4(RecurrentMixer):
         """One token ``x (B, D)`` -> ``y (B, D)``: ``x_t = A_bar x_{t-1} + B_bar u_t``, ``y = 2 Re(C x_t) + D u``."""
         if not self.causal:
             return super(RecurrentMixer, self).step(x, state)
+        with self._no_autocast():
+            y, xs = self._step_fp32(x, state["x"])
+        return self._output(y.to(x.dtype)), {"x": xs}
+
+    def _step_fp32(self, x: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dt, A, B, C, _ = self._params()
-        xs = state["x"]
         u = x.to(dt.dtype)  # (B, H)
         if self.mode == "s4d":
             dtA = dt[:, None] * A
@@ -367,7 +388,7 @@ class S4(RecurrentMixer):
             xf = torch.cat([xs, xs.conj()], dim=-1)  # (B, H, N)
             xs = (dA[:, :N2] @ xf[..., None])[..., 0] + dB[:, :N2] * u[..., None]
         y = 2 * (C * xs).sum(-1).real + self.D.to(dt.dtype) * u  # (B, H)
-        return self._output(y.to(x.dtype)), {"x": xs}
+        return y, xs
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
         if not self.causal:

@@ -27,6 +27,11 @@ class ZooConfig(PreTrainedConfig):
     mlp: str = "swiglu"
     mlp_hidden: int | None = None
     moe: dict | None = None
+    # Long sequences (docs/long-context.md). Tokens per tile of the training loss (LM head + cross entropy,
+    # recomputed in backward; 0: full logits) and of the MLPs (each tile recomputed in backward when the
+    # flattened batch has more tokens than this; 0: never tiled). Neither changes the results.
+    loss_chunk_size: int = 1024
+    mlp_chunk_size: int = 4096
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
@@ -40,6 +45,9 @@ class ZooConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         self.layers = resolve_layers(self.n_layers, self.pattern, self.layers, self.mixers or {}, self.mlp)
         self.n_layers = len(self.layers)
+        for key in ("loss_chunk_size", "mlp_chunk_size"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                raise ValueError(f"{key} must be a whole number of tokens >= 0 (got {getattr(self, key)!r}); 0 disables tiling.")
         kwargs.pop("auto_map", None)
         super().__post_init__(**kwargs)
         # Saved into config.json: a fresh process loads the checkpoint with trust_remote_code=True (see zoo_hf.py).

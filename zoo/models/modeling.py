@@ -6,13 +6,17 @@ No per-architecture copy of the modeling code: each layer is ``x + mixer(norm(x)
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import math
+import re
 from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
@@ -22,6 +26,7 @@ from transformers.modeling_outputs import (
 
 from zoo.models.cache import ZooCache
 from zoo.models.configuration import ZooConfig
+from zoo.models.loss import causal_lm_loss, tiled_causal_lm_loss
 from zoo.nn import RMSNorm
 from zoo.nn.mlp import build_mlp
 from zoo.packing import packed_cu_seqlens
@@ -69,7 +74,10 @@ class ZooBlock(nn.Module):
         self.mixer = get_mixer(spec["mixer"])(config.d_model, layer_idx=layer_idx, **spec["kwargs"])
         kind = spec["mlp"]
         self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps) if kind != "none" else None
-        self.mlp = build_mlp(kind, config.d_model, hidden=config.mlp_hidden, moe=config.moe) if kind != "none" else None
+        self.mlp = (
+            build_mlp(kind, config.d_model, hidden=config.mlp_hidden, moe=config.moe, chunk_size=config.mlp_chunk_size)
+            if kind != "none" else None
+        )
 
     def forward(self, x, *, cache=None, attention_mask=None, cu_seqlens=None):
         x = x + self.mixer(self.mixer_norm(x), cache=cache, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
@@ -97,6 +105,90 @@ class ZooPreTrainedModel(PreTrainedModel):
         (transformers calls this when it loads the model through ``trust_remote_code``; its default would copy
         this package's source files into the next checkpoint saved.)
         """
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None, *, mixers: list[str] | None = None,
+        offload: bool = False, every_n_layers: int = 1,
+    ) -> None:
+        """Recompute each block in backward instead of keeping its activations (``torch.utils.checkpoint``).
+
+        ``mixers``: checkpoint only the blocks whose mixer is named here (e.g. ``["attention"]`` in a hybrid); None:
+        every block. ``offload``: also keep the saved block inputs in CPU memory on CUDA (see
+        ``ZooModel.activation_offload``). ``gradient_checkpointing_kwargs`` go to ``checkpoint`` (default
+        ``use_reentrant=False``). ``every_n_layers``: checkpoint every n-th of the chosen blocks (transformers' option).
+        """
+        if every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be at least 1 (got {every_n_layers}).")
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        names = set(self.config.mixer_names)
+        if mixers is not None:
+            mixers = [mixers] if isinstance(mixers, str) else list(mixers)
+            unknown = sorted(set(mixers) - names)
+            if unknown:
+                raise ValueError(
+                    f"gradient checkpointing: the model has no mixer {unknown}; choose from {sorted(names)}."
+                )
+        for module in self.modules():
+            if isinstance(module, ZooModel):
+                module.gradient_checkpointing = True
+                module._gradient_checkpointing_func = functools.partial(checkpoint, **kwargs)
+                module.checkpoint_mixers = None if mixers is None else frozenset(mixers)
+                module.checkpoint_every = int(every_n_layers)
+                module.activation_offload = bool(offload) or module.activation_offload
+        if kwargs["use_reentrant"]:
+            self.enable_input_require_grads()  # reentrant checkpoint needs an input that requires grad
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Undo :meth:`gradient_checkpointing_enable` (and its offload)."""
+        for module in self.modules():
+            if isinstance(module, ZooModel):
+                module.gradient_checkpointing = False
+                module.checkpoint_mixers = None
+                module.checkpoint_every = 1
+                module.activation_offload = False
+        if getattr(self, "_require_grads_hook", None) is not None:
+            self.disable_input_require_grads()
+
+    # ----- parameters kept in float32 ---------------------------------------------------------------
+    # A mixer lists the parameters that must never be stored below float32 (SSM parameters such as S4's log_dt,
+    # A, B, C, decay rates) in its class attribute ``keep_in_fp32``; this is the one reader of that declaration.
+    # It holds for ``model.to(torch.bfloat16)`` / ``.half()`` (``_apply``), for ``from_pretrained(...,
+    # dtype=torch.bfloat16)`` (transformers' ``_keep_in_fp32_modules_strict``, set in ``post_init``) and for a
+    # model built under a bf16 default dtype (``post_init`` casts them back). Training under bf16 autocast keeps
+    # every weight in float32 anyway.
+    def fp32_parameters(self) -> dict[str, nn.Parameter]:
+        """Full name -> parameter for every parameter a mixer declares in ``keep_in_fp32`` (names relative to it)."""
+        out = {}
+        for prefix, module in self.named_modules():
+            for name in getattr(type(module), "keep_in_fp32", ()):
+                owner, _, leaf = name.rpartition(".")
+                param = (module.get_submodule(owner) if owner else module)._parameters.get(leaf)
+                if param is not None:  # (an optional parameter may be None)
+                    out[f"{prefix}.{name}" if prefix else name] = param
+        return out
+
+    def post_init(self) -> None:
+        super().post_init()
+        keep = self.fp32_parameters()
+        with torch.no_grad():
+            for param in keep.values():
+                if param.is_floating_point() and torch.finfo(param.dtype).bits < 32:
+                    param.data = param.data.float()
+        # Anchored at a name boundary, so that layers.1.mixer.B does not also match layers.11.mixer.B.
+        self._keep_in_fp32_modules_strict |= {rf"(?:^|\.){re.escape(name)}$" for name in keep}
+
+    def _apply(self, fn, recurse: bool = True):
+        keep = {id(t) for p in self.fp32_parameters().values() for t in (p, p.grad) if t is not None}
+        if not keep:
+            return super()._apply(fn, recurse)
+
+        def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if id(t) in keep and out.is_floating_point() and torch.finfo(out.dtype).bits < 32:
+                out = t.to(device=out.device, dtype=torch.float32)  # the move without the downcast
+            return out
+
+        return super()._apply(at_least_fp32, recurse)
 
     def _init_weights(self, module: nn.Module) -> None:
         # Mixers initialise themselves (each paper's scheme); only the model's own layers are set here.
@@ -126,6 +218,11 @@ class ZooModel(ZooPreTrainedModel):
         self._bind_shared()
         self.norm_f = RMSNorm(config.d_model, eps=config.norm_eps)
         self.gradient_checkpointing = False
+        self.checkpoint_mixers: frozenset[str] | None = None  # None: checkpoint every block
+        self.checkpoint_every = 1  # of the blocks chosen, checkpoint every n-th
+        # CPU offload of the tensors saved for backward by the blocks (with checkpointing: only the block inputs);
+        # only on CUDA, where device memory is what runs out. On CPU it changes nothing.
+        self.activation_offload = False
         self.post_init()
         if config.rescale_prenorm_residual:
             self._rescale_out_projections()
@@ -218,13 +315,21 @@ class ZooModel(ZooPreTrainedModel):
         if cu_seqlens is not None and B > 1:
             x = x.reshape(1, B * L, D)  # several packed rows: one row whose documents include every row start
         hidden = [] if output_hidden_states else None
-        for block in self.layers:
-            if hidden is not None:
-                hidden.append(x)
-            if self.gradient_checkpointing and self.training:
-                x = self._gradient_checkpointing_func(_run_block, block, x, attention_mask, cu_seqlens)
-            else:
-                x = block(x, cache=cache, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
+        grad = self.training and torch.is_grad_enabled()
+        chosen = 0
+        with offload_context(grad and self.activation_offload, x.device):
+            for spec, block in zip(self.config.layers, self.layers):
+                if hidden is not None:
+                    hidden.append(x)
+                recompute = False
+                if grad and self.gradient_checkpointing and (
+                    self.checkpoint_mixers is None or spec["mixer"] in self.checkpoint_mixers
+                ):
+                    recompute, chosen = chosen % self.checkpoint_every == 0, chosen + 1
+                if recompute:
+                    x = self._gradient_checkpointing_func(_run_block, block, x, attention_mask, cu_seqlens)
+                else:
+                    x = block(x, cache=cache, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
         x = self.norm_f(x)
         if hidden is not None:
             hidden.append(x)
@@ -247,6 +352,13 @@ class ZooModel(ZooPreTrainedModel):
 
 def _run_block(block: ZooBlock, x, attention_mask, cu_seqlens):
     return block(x, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
+
+
+def offload_context(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    """``save_on_cpu`` (pinned) when ``enabled`` on CUDA, else nothing: the tensors autograd saves wait in host memory."""
+    if enabled and device.type == "cuda":
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -312,11 +424,15 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         seq_idx: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         output_hidden_states: bool | None = None,
+        return_logits: bool | None = None,
         **kwargs,
     ) -> ZooCausalLMOutput:
         """Logits (and, with ``labels``, the next-token loss). Arguments as in :meth:`ZooModel.forward`.
 
         With packed documents the loss never predicts a document's first token from the previous document.
+        With ``labels`` in training mode the loss is computed in tiles of ``config.loss_chunk_size`` tokens (LM head
+        and cross entropy per tile, recomputed in backward) and no logits are returned, unless ``return_logits=True``
+        (or ``loss_chunk_size`` is 0). In eval mode, or without labels, the logits are always returned.
         """
         _reject_unknown(kwargs, type(self).__name__ + ".forward")
         out = self.model(
@@ -335,18 +451,26 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
         )
         h = out.last_hidden_state
+        if labels is not None and logits_to_keep:
+            raise ValueError("labels need the logits of every position; call with logits_to_keep=0.")
+        tiled = (
+            labels is not None and self.training and not return_logits and self.config.loss_chunk_size > 0
+            and isinstance(self.lm_head, nn.Linear) and self.lm_head.bias is None
+        )
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)
+        logits = None if tiled else self.lm_head(h)
         loss = aux = None
         if labels is not None:
-            if logits_to_keep:
-                raise ValueError("labels need the logits of every position; call with logits_to_keep=0.")
-            B, L = logits.shape[:2]
+            B, L = h.shape[:2]
             if out.cu_seqlens is not None and B > 1:  # packed rows were run as one row: so is the loss
-                loss = causal_lm_loss(logits.reshape(1, B * L, -1), labels.reshape(1, B * L), out.cu_seqlens)
+                h, labels = h.reshape(1, B * L, -1), labels.reshape(1, B * L)
+            if tiled:
+                loss = tiled_causal_lm_loss(
+                    h, self.lm_head.weight, labels, out.cu_seqlens, chunk_size=self.config.loss_chunk_size
+                )
             else:
-                loss = causal_lm_loss(logits, labels, out.cu_seqlens)
+                loss = causal_lm_loss(logits.reshape(*h.shape[:2], -1), labels, out.cu_seqlens)
             aux = self.model.aux_loss() if self.training else None
             if aux is not None:
                 loss = loss + aux
@@ -357,19 +481,6 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             aux_loss=aux,
             **{_OUTPUT_CACHE_FIELD: getattr(out, _OUTPUT_CACHE_FIELD)},
         )
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """Next-token cross entropy: ``logits[:, t]`` predicts ``labels[:, t+1]``; -100 is ignored.
-
-    With ``cu_seqlens`` the first token of each packed sequence is not predicted from the previous one.
-    """
-    labels = labels.to(logits.device)
-    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
-    if cu_seqlens is not None:
-        ends = cu_seqlens.long()[1:-1] - 1  # last token of every sequence but the final one
-        shifted[:, ends] = -100
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), shifted.reshape(-1), ignore_index=-100)
 
 
 class ZooForSequenceClassification(ZooPreTrainedModel):

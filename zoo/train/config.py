@@ -37,6 +37,10 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
     progress: bool = True  # show a tqdm progress bar
+    # Long sequences (docs/long-context.md): recompute each block in backward (true, or a list of mixer names to
+    # checkpoint only those blocks of a hybrid), and keep the saved block inputs in CPU memory (CUDA only).
+    activation_checkpointing: bool | list[str] = False
+    activation_offload: bool = False
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -49,6 +53,12 @@ class TrainConfig:
             raise ValueError(f"train.lr must be positive (got {self.lr}); e.g. 1e-3.")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio}); e.g. 0.1.")
+        ac = self.activation_checkpointing
+        if not isinstance(ac, bool) and not (isinstance(ac, list) and ac and all(isinstance(m, str) for m in ac)):
+            raise ValueError(
+                f"train.activation_checkpointing must be true, false or a list of mixer names (got {ac!r}); "
+                "e.g. true, or [attention]."
+            )
         if len(self.betas) != 2:
             raise ValueError(f"train.betas must be two numbers like [0.9, 0.95] (got {self.betas}).")
 

@@ -114,6 +114,20 @@ def _sparse_head(model: Any) -> bool:
     return hasattr(model, "lm_head") and hasattr(model, "model") and hasattr(model.model, "aux_loss")
 
 
+def apply_memory_settings(model: Any, tc: Any) -> None:
+    """``train.activation_checkpointing`` / ``train.activation_offload`` on a zoo model (see docs/long-context.md)."""
+    ac = tc.activation_checkpointing
+    if ac is not False:
+        try:
+            model.gradient_checkpointing_enable(mixers=None if ac is True else list(ac), offload=tc.activation_offload)
+        except ValueError as e:
+            raise ValueError(f"train.activation_checkpointing: {e}") from None
+    elif tc.activation_offload:
+        for module in model.modules():
+            if hasattr(module, "activation_offload"):
+                module.activation_offload = True
+
+
 def lm_step(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, sparse: bool):
     """Forward one batch: ``(lm_loss, aux_loss | None, preds, targets)`` over the labelled positions.
 
@@ -261,6 +275,7 @@ def train(
     else:
         model = zoo.build_model(run)
     model.to(device).train()
+    apply_memory_settings(model, tc)
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
     sampler = EpochSampler(len(train_set), tc.batch_size, tc.seed)

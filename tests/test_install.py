@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,9 +31,15 @@ print("INSTALLED-OK")
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
+    # Build from a copy of the sources, so the checkout gets no build/ folder (whose stale files a later build
+    # would package).
+    src = tmp_path_factory.mktemp("src")
+    shutil.copytree(ROOT / "zoo", src / "zoo", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     target = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT)], check=True, timeout=300, capture_output=True)
+                    "--target", str(target), str(src)], check=True, timeout=300, capture_output=True)
     assert (target / "zoo" / "configs" / "mamba.yaml").is_file() and (target / "zoo" / "configs" / "tasks" / "mqar.yaml").is_file()
     return target
 

@@ -11,7 +11,8 @@ class TrainConfig:
     """Optimisation, evaluation, logging and checkpointing of ``zoo train``."""
 
     steps: int = 1000  # optimizer updates
-    batch_size: int = 64  # examples per micro-batch (an update sees batch_size * grad_accum examples)
+    batch_size: int = 64  # global examples per micro-batch, whatever the world size (split over the ranks);
+    # an update sees batch_size * grad_accum examples
     eval_batch_size: int | None = None  # None: same as batch_size
     lr: float = 1.0e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -31,6 +32,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
     progress: bool = True  # show a tqdm progress bar
+    # data: none | ddp | fsdp (unset: ddp when launched on > 1 process); sequence: ranks per sequence (1 only, for now)
+    parallel: dict = field(default_factory=lambda: {"data": None, "sequence": 1})
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -45,6 +48,9 @@ class TrainConfig:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio}); e.g. 0.1.")
         if len(self.betas) != 2:
             raise ValueError(f"train.betas must be two numbers like [0.9, 0.95] (got {self.betas}).")
+        from zoo.train.distributed import check_parallel
+
+        self.parallel = check_parallel(self.parallel)
 
 
 @dataclass

@@ -140,9 +140,15 @@ def wrap(module: nn.Module, env: DistEnv, blocks: list[nn.Module] | None = None)
     if env.data == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        # fully_shard replaces each parameter by a DTensor one: carry over flags such as `_no_weight_decay`
+        flags = {n: dict(vars(p)) for n, p in module.named_parameters() if vars(p)}
         for block in blocks or []:
             fully_shard(block)
         fully_shard(module)
+        for n, p in module.named_parameters():
+            for key, value in flags.get(n, {}).items():
+                if not hasattr(p, key):
+                    setattr(p, key, value)
         return module
     return module
 

@@ -50,7 +50,11 @@ _JOB = textwrap.dedent("""
     from zoo.train import train
     for job in json.loads(sys.argv[1]):
         os.environ["MASTER_PORT"] = str(job["port"])
-        train(zoo.load_config(job["config"]), job["out"], **job["kw"])
+        if "finetune" in job:
+            from zoo.finetune import finetune
+            finetune(**job["finetune"])
+        else:
+            train(zoo.load_config(job["config"]), job["out"], **job["kw"])
 """)
 
 
@@ -156,7 +160,35 @@ def test_fsdp_resume_is_exact_and_other_world_size_is_refused(runs):
 
 def test_parallel_config_is_validated():
     with pytest.raises(zoo.ConfigError, match="parallel.sequence=2 is not supported"):
-        zoo.load_config(MODELS["mamba"], overrides=["train.parallel.sequence=2"])
+        zoo.load_config(copy.deepcopy(MODELS["mamba"]), overrides=["train.parallel.sequence=2"])
     with pytest.raises(zoo.ConfigError, match="none, ddp, fsdp"):
-        zoo.load_config(MODELS["mamba"], overrides=["train.parallel.data=zero3"])
-    assert zoo.load_config(MODELS["mamba"]).train.parallel == {"data": None, "sequence": 1}
+        zoo.load_config(copy.deepcopy(MODELS["mamba"]), overrides=["train.parallel.data=zero3"])
+    assert zoo.load_config(copy.deepcopy(MODELS["mamba"])).train.parallel == {"data": None, "sequence": 1}
+
+
+def test_finetune_under_two_processes_writes_final_once(tmp_path):
+    """`zoo finetune` (HF Trainer, DDP through accelerate): rank 0 alone writes final/, config.json included."""
+    pytest.importorskip("accelerate")
+    torch.manual_seed(0)
+    cfg = zoo.ZooConfig(vocab_size=260, d_model=32, n_layers=2, pattern=["mamba", "attention"],
+                        mixers={"attention": {"n_heads": 2}, "mamba": {"d_state": 8}})
+    zoo.ZooForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    with open(tmp_path / "d.jsonl", "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"text": "ab cd ef " * (1 + i % 3)}) + "\n")
+    out = tmp_path / "out"
+    job = {"model": str(tmp_path / "base"), "data": str(tmp_path / "d.jsonl"), "out": str(out), "max_steps": 2,
+           "batch_size": 2, "seq_len": 32, "progress": False, "logging_steps": 1}
+    _launch([{"finetune": job, "port": _free_port()}], tmp_path)
+    final = out / "final"
+    assert (final / "config.json").is_file() and (final / "finetune_config.json").is_file()
+    assert json.loads((out / "finetune_metrics.json").read_text())["steps"] == 2
+    assert not list(out.glob(".final*"))  # no temporary folder left behind by a second writer
+    model = ft_load(final)
+    assert isinstance(model, zoo.ZooForCausalLM)
+
+
+def ft_load(path):
+    from zoo.finetune import load_finetuned
+
+    return load_finetuned(path)

@@ -192,6 +192,23 @@ def evaluate(
     }
 
 
+def _restore_param_flags(model: nn.Module, run: Any) -> None:
+    """Put back the parameter flags (``_no_weight_decay``) that ``from_pretrained`` drops when it loads weights,
+    so a resumed run decays exactly the parameters the original run did."""
+    import zoo
+
+    try:
+        with torch.device("meta"):
+            ref = zoo.build_model(run)
+    except Exception:  # a mixer whose init cannot run on meta: build it on the CPU
+        ref = zoo.build_model(run)
+    flags = {n: vars(p) for n, p in ref.named_parameters() if vars(p)}
+    for n, p in model.named_parameters():
+        for key, value in flags.get(n, {}).items():
+            if not hasattr(p, key):
+                setattr(p, key, value)
+
+
 def _check_vocab(model_vocab: int, data: TokenDataset, task: Any) -> None:
     top = int(data.input_ids.max()) if len(data) else 0
     if top >= model_vocab:
@@ -297,6 +314,7 @@ def _train(run: Any, out: Path, env: zdist.DistEnv, ckpt: Path | None, state: di
     if ckpt is not None:
         with quiet_hf_progress():
             model = zoo.ZooForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+        _restore_param_flags(model, run)
     else:
         model = zoo.build_model(run)
     model.to(device).train()

@@ -142,7 +142,10 @@ def save_checkpoint(
 
     def write(tmp: Path) -> None:
         with quiet_hf_progress():
-            model.save_pretrained(tmp, state_dict=state_dict)
+            if state_dict is None:
+                model.save_pretrained(tmp)
+            else:
+                model.save_pretrained(tmp, state_dict=state_dict)
         if run_config is not None:
             (tmp / RUN_CONFIG).write_text(yaml.safe_dump(run_config, sort_keys=False))
         if trainer_state is not None:

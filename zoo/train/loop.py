@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from zoo.data import build_task
 from zoo.data.base import IGNORE_INDEX, TokenDataset
 from zoo.data.tokenizer import load_tokenizer
+from zoo.train import distributed as zdist
 from zoo.train.checkpoint import (
     FINAL,
     CheckpointError,
@@ -38,7 +39,6 @@ from zoo.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from zoo.train import distributed as zdist
 from zoo.train.metrics import per_example_accuracy, plot_curves, shifted_targets, write_jsonl
 from zoo.train.optim import build_optimizer, build_scheduler
 
@@ -254,7 +254,7 @@ def train(
     import zoo
 
     run = config if isinstance(config, zoo.RunConfig) else zoo.load_config(config)
-    tc, task = run.train, run.task
+    tc = run.train
     out = Path(out_dir)
     ckpt: Path | None = None
     if resume:
@@ -370,13 +370,10 @@ def _train(run: Any, out: Path, env: zdist.DistEnv, ckpt: Path | None, state: di
                                 obj = loss
                             total = obj if aux is None else obj + aux
                         (total / tc.grad_accum).backward()
-                    if world > 1:
-                        stats = torch.stack([loss.detach().double() * tgt.numel(),
-                                             (preds == tgt).sum().double(), torch.tensor(float(tgt.numel()),
-                                                                                         dtype=torch.float64,
-                                                                                         device=device),
-                                             aux.detach().double() if aux is not None else loss.new_zeros((),
-                                                                                                          dtype=torch.float64)])
+                    if world > 1:  # the metrics of the global micro-batch: sums over the ranks
+                        zero = torch.zeros((), dtype=torch.float64, device=device)
+                        stats = torch.stack([loss.detach().double() * tgt.numel(), (preds == tgt).sum().double(),
+                                             zero + tgt.numel(), zero if aux is None else aux.detach().double()])
                         stats = zdist.all_sum(stats, env).cpu()
                         window.add_counts(stats[0] / stats[2], None if aux is None else stats[3] / world,
                                           stats[1], stats[2], x.numel() * world)

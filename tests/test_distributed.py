@@ -192,3 +192,13 @@ def ft_load(path):
     from zoo.finetune import load_finetuned
 
     return load_finetuned(path)
+
+
+def test_single_process_resume_keeps_no_weight_decay_flags(runs, tmp_path):
+    """from_pretrained drops `_no_weight_decay`; a resumed mamba run must not start decaying A_log."""
+    cfg = MODELS["mamba"]
+    train(zoo.load_config(copy.deepcopy(cfg)), tmp_path / "r", stop_after=3)
+    train(zoo.load_config(copy.deepcopy(cfg)), tmp_path / "r", resume=True)
+    w_full, w_res = _weights(runs / "mamba-single" / "final"), _weights(tmp_path / "r" / "final")
+    for k in w_full:
+        assert torch.equal(w_res[k], w_full[k]), k

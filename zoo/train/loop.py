@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from zoo.data import build_task
 from zoo.data.base import IGNORE_INDEX, TokenDataset
 from zoo.data.tokenizer import load_tokenizer
+from zoo.models.loss import tiled_linear_cross_entropy
 from zoo.train import distributed as zdist
 from zoo.train.checkpoint import (
     FINAL,
@@ -133,15 +134,20 @@ def apply_memory_settings(model: Any, tc: Any) -> None:
 def lm_step(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, sparse: bool):
     """Forward one batch: ``(lm_loss, aux_loss | None, preds, targets)`` over the labelled positions.
 
-    ``sparse`` runs the LM head only where a label exists (MQAR labels ~6% of positions); the loss equals
-    ``model(input_ids, labels=labels).loss`` (which also includes the auxiliary losses).
+    ``sparse`` (a zoo LM: backbone + ``lm_head``) runs the LM head only where a label exists (MQAR labels ~6% of
+    positions), in tiles of ``model.config.loss_chunk_size`` rows (``zoo.models.loss``), so no ``(B, L, V)`` logits
+    exist at any length; the loss equals ``model(input_ids, labels=labels).loss`` (which also includes the
+    auxiliary losses).
     """
     targets = shifted_targets(labels)
     mask = targets != IGNORE_INDEX
     if sparse:
         hidden = model.model(input_ids=input_ids).last_hidden_state
-        logits = model.lm_head(hidden[mask])  # (n_labelled, V)
+        tgt = targets[mask]
+        chunk = int(getattr(model.config, "loss_chunk_size", 0) or 0) or max(int(tgt.numel()), 1)
+        loss, preds = tiled_linear_cross_entropy(hidden[mask], model.lm_head.weight, tgt, chunk_size=chunk)
         aux = model.model.aux_loss() if model.training else None
+        return loss, aux, preds, tgt, mask
     else:
         out = model(input_ids=input_ids)
         logits = out.logits[mask]
@@ -324,7 +330,7 @@ def _train(run: Any, out: Path, env: zdist.DistEnv, ckpt: Path | None, state: di
         model = zoo.build_model(run)
     model.to(device).train()
     apply_memory_settings(model, tc)
-    sparse = _sparse_head(model) and float((train_set.labels != IGNORE_INDEX).float().mean()) < 0.5
+    sparse = _sparse_head(model)  # the LM head at labelled positions only, tiled: never (B, L, V) logits
     step_module = LMStep(model, sparse)
     wrapped = zdist.wrap(step_module, env, zdist.blocks_of(model))  # FSDP2 shards model's parameters in place
     optimizer = build_optimizer(model, tc)

@@ -317,3 +317,34 @@ def test_yaml_keys_are_read():
     assert run.model.mlp_chunk_size == 8 and run.model.loss_chunk_size == 0
     with pytest.raises(ValueError, match="activation_checkpointing"):
         zoo.load_config({"train": {"activation_checkpointing": "yes"}})
+
+
+def test_zoo_train_step_tiles_the_head_and_equals_the_model_loss(monkeypatch):
+    """`zoo train`'s step (lm_step) runs the LM head in tiles of loss_chunk_size rows, never over all positions,
+    and its loss and gradients equal the model's own (untiled) loss."""
+    from zoo.train.loop import _sparse_head, lm_step
+
+    model = make(hybrid(loss_chunk_size=8))
+    x, y = batch(B=2, L=23)
+    assert _sparse_head(model)
+    rows = []
+    real_linear = F.linear
+
+    def spy(inp, weight, bias=None):
+        if weight is model.lm_head.weight:
+            rows.append(inp.shape[0])
+        return real_linear(inp, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    model.zero_grad(set_to_none=True)
+    loss, _, preds, tgt, _ = lm_step(model, x, y, sparse=True)
+    loss.backward()
+    g_step = grads(model)
+    monkeypatch.setattr(torch.nn.functional, "linear", real_linear)
+    assert rows and max(rows) <= 8 and sum(rows) >= tgt.numel()  # every labelled row, 8 at a time
+    model.config.loss_chunk_size = 0
+    ref, g_ref = run(model.eval(), x, y)  # eval mode: the full-logits loss
+    torch.testing.assert_close(loss, ref.loss, rtol=1e-6, atol=1e-6)
+    assert_grads_close(g_step, g_ref, rtol=1e-5, atol=1e-6)
+    mask = torch.nn.functional.pad(y[:, 1:], (0, 1), value=-100) != -100
+    assert torch.equal(preds, ref.logits[mask].argmax(-1))

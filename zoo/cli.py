@@ -116,7 +116,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     import zoo
     from zoo.train import train
     from zoo.train.checkpoint import latest_checkpoint, load_run_config, resolve_checkpoint
+    from zoo.train.distributed import is_main
 
+    if not is_main():  # under torchrun / accelerate launch only rank 0 prints (errors still reach stderr)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - kept open for the life of the process
     sources: list[Any] = list(args.configs) + [_task_path(t) for t in args.task]
     if not args.configs:
         if not args.resume:

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -407,17 +406,24 @@ def _precision(cfg: FinetuneConfig) -> bool:
 
 
 def _atomic_save(model, tokenizer, cfg: FinetuneConfig, dest: Path, extra: dict) -> None:
-    """Write ``dest`` (full model + tokenizer + settings; LoRA: also ``adapter/``) through a temporary folder."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if hasattr(model, "merge_and_unload"):  # a PeftModel: keep the adapter, save the merged model beside it
-        model.save_pretrained(str(tmp / "adapter"))
-        model = model.merge_and_unload()
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    (tmp / "finetune_config.json").write_text(json.dumps({**dataclasses.asdict(cfg), **extra}, indent=2, default=str))
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    """Write ``dest`` (full model + tokenizer + settings; LoRA: also ``adapter/``) through a temporary folder.
+
+    The same atomic write and rank-0 rule as ``zoo train``: call it on rank 0 only, the others wait at a barrier.
+    """
+    from zoo.train.checkpoint import atomic_directory, quiet_hf_progress
+
+    def write(tmp: Path) -> None:
+        m = model
+        with quiet_hf_progress():
+            if hasattr(m, "merge_and_unload"):  # a PeftModel: keep the adapter, save the merged model beside it
+                m.save_pretrained(str(tmp / "adapter"))
+                m = m.merge_and_unload()
+            m.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "finetune_config.json").write_text(
+            json.dumps({**dataclasses.asdict(cfg), **extra}, indent=2, default=str))
+
+    atomic_directory(dest, write)
 
 
 def finetune(cfg: FinetuneConfig | None = None, **kwargs) -> dict:
@@ -495,9 +501,13 @@ def finetune(cfg: FinetuneConfig | None = None, **kwargs) -> dict:
     if evalset is not None:
         metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
     final = out / "final"
-    _atomic_save(trainer.model, tokenizer, cfg, final, {"id2label": id2label, **metrics})
+    from zoo.train import distributed as zdist
+
+    if zdist.is_main():  # under torchrun / accelerate launch only rank 0 writes final/; the others wait for it
+        _atomic_save(trainer.model, tokenizer, cfg, final, {"id2label": id2label, **metrics})
+        (out / "finetune_metrics.json").write_text(json.dumps({**metrics, "final": str(final)}, indent=2))
+    zdist.barrier()
     metrics["final"] = str(final)
-    (out / "finetune_metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 

@@ -165,12 +165,19 @@ def save_checkpoint(
     run_config: dict | None = None,
     trainer_state: dict | None = None,
     tokenizer: Any = None,
+    state_dict: dict | None = None,
 ) -> Path:
-    """Write an HF checkpoint (+ run config, trainer state, tokenizer when given) atomically to ``path``."""
+    """Write an HF checkpoint (+ run config, trainer state, tokenizer when given) atomically to ``path``.
+
+    ``state_dict``: the weights to write instead of ``model``'s own (the gathered full state of a sharded model).
+    """
 
     def write(tmp: Path) -> None:
         with quiet_hf_progress():
-            model.save_pretrained(tmp)
+            if state_dict is None:
+                model.save_pretrained(tmp)
+            else:
+                model.save_pretrained(tmp, state_dict=state_dict)
         if run_config is not None:
             (tmp / RUN_CONFIG).write_text(yaml.safe_dump(run_config, sort_keys=False))
         if trainer_state is not None:

@@ -17,7 +17,8 @@ class TrainConfig:
     """Optimisation, evaluation, logging and checkpointing of ``zoo train``."""
 
     steps: int = 1000  # optimizer updates
-    batch_size: int = 64  # examples per micro-batch (an update sees batch_size * grad_accum examples)
+    batch_size: int = 64  # global examples per micro-batch, whatever the world size (split over the ranks);
+    # an update sees batch_size * grad_accum examples
     eval_batch_size: int | None = None  # None: same as batch_size
     lr: float = 1.0e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -41,6 +42,8 @@ class TrainConfig:
     # checkpoint only those blocks of a hybrid), and keep the saved block inputs in CPU memory (CUDA only).
     activation_checkpointing: bool | list[str] = False
     activation_offload: bool = False
+    # data: none | ddp | fsdp (unset: ddp when launched on > 1 process); sequence: ranks per sequence (1 only, for now)
+    parallel: dict = field(default_factory=lambda: {"data": None, "sequence": 1})
 
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -61,6 +64,9 @@ class TrainConfig:
             )
         if len(self.betas) != 2:
             raise ValueError(f"train.betas must be two numbers like [0.9, 0.95] (got {self.betas}).")
+        from zoo.train.distributed import check_parallel
+
+        self.parallel = check_parallel(self.parallel)
 
 
 @dataclass

@@ -16,11 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from zoo.data import build_task
 from zoo.data.base import IGNORE_INDEX, TokenDataset
 from zoo.data.tokenizer import load_tokenizer
+from zoo.models.loss import tiled_linear_cross_entropy
+from zoo.train import distributed as zdist
 from zoo.train.checkpoint import (
     FINAL,
     CheckpointError,
@@ -131,15 +134,20 @@ def apply_memory_settings(model: Any, tc: Any) -> None:
 def lm_step(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, sparse: bool):
     """Forward one batch: ``(lm_loss, aux_loss | None, preds, targets)`` over the labelled positions.
 
-    ``sparse`` runs the LM head only where a label exists (MQAR labels ~6% of positions); the loss equals
-    ``model(input_ids, labels=labels).loss`` (which also includes the auxiliary losses).
+    ``sparse`` (a zoo LM: backbone + ``lm_head``) runs the LM head only where a label exists (MQAR labels ~6% of
+    positions), in tiles of ``model.config.loss_chunk_size`` rows (``zoo.models.loss``), so no ``(B, L, V)`` logits
+    exist at any length; the loss equals ``model(input_ids, labels=labels).loss`` (which also includes the
+    auxiliary losses).
     """
     targets = shifted_targets(labels)
     mask = targets != IGNORE_INDEX
     if sparse:
         hidden = model.model(input_ids=input_ids).last_hidden_state
-        logits = model.lm_head(hidden[mask])  # (n_labelled, V)
+        tgt = targets[mask]
+        chunk = int(getattr(model.config, "loss_chunk_size", 0) or 0) or max(int(tgt.numel()), 1)
+        loss, preds = tiled_linear_cross_entropy(hidden[mask], model.lm_head.weight, tgt, chunk_size=chunk)
         aux = model.model.aux_loss() if model.training else None
+        return loss, aux, preds, tgt, mask
     else:
         out = model(input_ids=input_ids)
         logits = out.logits[mask]
@@ -147,6 +155,17 @@ def lm_step(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, sparse: b
     tgt = targets[mask]
     loss = F.cross_entropy(logits.float(), tgt)
     return loss, aux, logits.argmax(-1), tgt, mask
+
+
+class LMStep(nn.Module):
+    """:func:`lm_step` as a module, so DDP / FSDP2 wrap the whole forward (the sparse head included)."""
+
+    def __init__(self, model: nn.Module, sparse: bool) -> None:
+        super().__init__()
+        self.model, self.sparse = model, sparse
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        return lm_step(self.model, input_ids, labels, self.sparse)
 
 
 @torch.no_grad()
@@ -158,8 +177,13 @@ def evaluate(
     max_batches: int = 0,
     device: torch.device | str = "cpu",
     precision: str = "auto",
+    forward: Any = None,
 ) -> dict[str, float]:
-    """Eval loss (mean over labelled tokens) and accuracy (mean over labelled positions, then examples)."""
+    """Eval loss (mean over labelled tokens) and accuracy (mean over labelled positions, then examples).
+
+    ``forward(input_ids, labels)``: what runs a batch (default :func:`lm_step` on ``model``; a sharded run passes
+    its wrapped :class:`LMStep`, called on every rank).
+    """
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -174,7 +198,7 @@ def evaluate(
             x = dataset.input_ids[s : s + batch_size].to(device)
             y = dataset.labels[s : s + batch_size].to(device)
             with autocast_for(device, precision):
-                loss, _, preds, tgt, mask = lm_step(model, x, y, sparse)
+                loss, _, preds, tgt, mask = forward(x, y) if forward is not None else lm_step(model, x, y, sparse)
             loss_sum += float(loss) * tgt.numel()
             n_tok += tgt.numel()
             full = torch.full_like(y, IGNORE_INDEX)
@@ -200,7 +224,8 @@ def _check_vocab(model_vocab: int, data: TokenDataset, task: Any) -> None:
         )
 
 
-def _prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def _prepare_out_dir(out: Path, resume: bool, overwrite: bool, write: bool = True) -> None:
+    """Refuse to clobber a run (every rank checks); clear it for --overwrite and create ``out`` (when ``write``)."""
     existing = [p.name for p in list_checkpoints(out)] + ([FINAL] if (out / FINAL).exists() else [])
     if existing and not resume:
         if not overwrite:
@@ -208,12 +233,15 @@ def _prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
                 f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
                 "--overwrite to replace it, or choose another --out."
             )
+        if not write:
+            return
         for name in existing:
             shutil.rmtree(out / name, ignore_errors=True)
         for name in (METRICS, CURVES):
             (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_dirs(out)  # left by a save that was killed mid-write (its process is gone)
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_dirs(out)  # left by a save that was killed mid-write (its process is gone)
 
 
 def train(
@@ -232,7 +260,7 @@ def train(
     import zoo
 
     run = config if isinstance(config, zoo.RunConfig) else zoo.load_config(config)
-    tc, task = run.train, run.task
+    tc = run.train
     out = Path(out_dir)
     ckpt: Path | None = None
     if resume:
@@ -256,11 +284,37 @@ def train(
                 f"use the same config to resume (of the train section only {safe} may change), "
                 "or start a new run with another --out."
             )
-    _prepare_out_dir(out, bool(resume), overwrite)
-
     if tc.num_threads > 0:
         torch.set_num_threads(tc.num_threads)
-    device = resolve_device(tc.device)
+    env = zdist.setup(resolve_device(tc.device), tc.parallel)
+    try:
+        return _train(run, out, env, ckpt, state if ckpt is not None else None, bool(resume), overwrite, stop_after)
+    finally:
+        env.close()
+
+
+def _train(run: Any, out: Path, env: zdist.DistEnv, ckpt: Path | None, state: dict | None, resume: bool,
+           overwrite: bool, stop_after: int | None) -> TrainResult:
+    import zoo
+
+    tc, task = run.train, run.task
+    world = env.world_size
+    if tc.batch_size % world:
+        raise ValueError(
+            f"train.batch_size={tc.batch_size} does not split over {world} processes; "
+            f"set train.batch_size to a multiple of {world} (it is the global batch per micro-step)."
+        )
+    if state is not None:
+        saved_world, saved_data = int(state.get("world_size", 1)), state.get("parallel_data", "none")
+        if (saved_world, saved_data) != (world, env.data):
+            raise CheckpointError(
+                f"cannot resume {ckpt}: it was written by {saved_world} process(es) with parallel.data={saved_data} "
+                f"and this run has {world} with parallel.data={env.data}; resume with the same launch."
+            )
+    _prepare_out_dir(out, resume, overwrite, write=env.main)
+    zdist.barrier()
+
+    device = env.device
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     torch.manual_seed(tc.seed)
@@ -276,45 +330,70 @@ def train(
         model = zoo.build_model(run)
     model.to(device).train()
     apply_memory_settings(model, tc)
+    sparse = _sparse_head(model)  # the LM head at labelled positions only, tiled: never (B, L, V) logits
+    step_module = LMStep(model, sparse)
+    wrapped = zdist.wrap(step_module, env, zdist.blocks_of(model))  # FSDP2 shards model's parameters in place
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
     sampler = EpochSampler(len(train_set), tc.batch_size, tc.seed)
-    sparse = _sparse_head(model) and float((train_set.labels != IGNORE_INDEX).float().mean()) < 0.5
+    micro = tc.batch_size // world
+    lo, hi = env.rank * micro, (env.rank + 1) * micro
     history: list[dict] = []
     window = _Window()
     step = 0
-    if ckpt is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
+        zdist.load_optimizer_state_dict(wrapped, optimizer, state["optimizer"], env)
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["data"])
         window.load_state_dict(state["window"])
         history = list(state["history"])
         step = int(state["step"])
         set_rng_state(state["rng"])
-    write_jsonl(out / METRICS, history)
+    if env.main:
+        write_jsonl(out / METRICS, history)
 
     run_dict = run.to_dict()
     eval_bs = tc.eval_batch_size or tc.batch_size
+    eval_forward = wrapped if env.data == "fsdp" else None  # FSDP2: every rank runs the sharded forward
     last_eval = next((r for r in reversed(history) if "eval/accuracy" in r), None)
     last_ckpt = ckpt
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)
     params = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=tc.steps, initial=step, disable=not tc.progress, desc="train", dynamic_ncols=True,
-               mininterval=0.1 if sys.stderr.isatty() else 30.0)  # a log file gets a line every 30 s
+    tokens_per_update = tc.grad_accum * tc.batch_size * int(train_set.input_ids.shape[1])
+    bar = tqdm(total=tc.steps, initial=step, disable=not (tc.progress and env.main), desc="train",
+               dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)  # a log file: a line every 30 s
     try:
-        with open(out / METRICS, "a") as log:
+        with (open(out / METRICS, "a") if env.main else contextlib.nullcontext()) as log:
             while step < end:
                 t_start = time.perf_counter()
-                for _ in range(tc.grad_accum):
-                    idx = sampler.next()
-                    x, y = train_set.batch(idx)
+                for k in range(tc.grad_accum):
+                    idx = sampler.next()  # the global micro-batch: the same on every rank
+                    x, y = train_set.batch(idx[lo:hi])  # this rank's share of it
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    with autocast_for(device, tc.precision):
-                        loss, aux, preds, tgt, _ = lm_step(model, x, y, sparse)
-                        total = loss if aux is None else loss + aux
-                    (total / tc.grad_accum).backward()
-                    window.add(loss, aux, preds, tgt, x.numel())
+                    with zdist.no_sync(wrapped, env, skip=k < tc.grad_accum - 1):
+                        with autocast_for(device, tc.precision):
+                            loss, aux, preds, tgt, _ = wrapped(x, y)
+                            if world > 1:
+                                # token mean over the global micro-batch: this rank's sum / the global count,
+                                # times the world size that DDP / FSDP2 divide the summed gradients by
+                                n_global = int((shifted_targets(train_set.labels[idx]) != IGNORE_INDEX).sum())
+                                obj = loss * (tgt.numel() * world / n_global)
+                            else:
+                                obj = loss
+                            total = obj if aux is None else obj + aux
+                        (total / tc.grad_accum).backward()
+                    if world > 1:  # the metrics of the global micro-batch: sums over the ranks
+                        zero = torch.zeros((), dtype=torch.float64, device=device)
+                        stats = torch.stack([loss.detach().double() * tgt.numel(), (preds == tgt).sum().double(),
+                                             zero + tgt.numel(), zero if aux is None else aux.detach().double()])
+                        stats = zdist.all_sum(stats, env).cpu()
+                        window.add_counts(stats[0] / stats[2], None if aux is None else stats[3] / world,
+                                          stats[1], stats[2], x.numel() * world)
+                    else:
+                        window.add(loss, aux, preds, tgt, x.numel())
                 gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+                if hasattr(gnorm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+                    gnorm = gnorm.full_tensor()
                 lr = optimizer.param_groups[0]["lr"]
                 optimizer.step()
                 scheduler.step()
@@ -326,39 +405,53 @@ def train(
                 is_last = step == tc.steps
                 if step % tc.log_every == 0 or is_last:
                     row = window.row(step, lr, float(gnorm))
+                    row["world_size"] = world
+                    row["tokens"] = step * tokens_per_update  # global tokens seen
                     history.append(row)
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
+                    if env.main:
+                        log.write(json.dumps(row) + "\n")
+                        log.flush()
                     bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc=f"{row['train/accuracy']:.3f}",
                                     tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
                 if len(eval_set) and ((tc.eval_every > 0 and step % tc.eval_every == 0) or is_last):
                     ev = evaluate(model, eval_set, batch_size=eval_bs, max_batches=tc.eval_batches,
-                                  device=device, precision=tc.precision)
+                                  device=device, precision=tc.precision, forward=eval_forward)
                     last_eval = {"step": step, "eval/loss": ev["loss"], "eval/accuracy": ev["accuracy"]}
                     history.append(last_eval)
-                    log.write(json.dumps(last_eval) + "\n")
-                    log.flush()
-                    bar.write(f"step {step}: eval loss {ev['loss']:.4f}  accuracy {ev['accuracy']:.4f}")
+                    if env.main:
+                        log.write(json.dumps(last_eval) + "\n")
+                        log.flush()
+                    if env.main:
+                        bar.write(f"step {step}: eval loss {ev['loss']:.4f}  accuracy {ev['accuracy']:.4f}")
                 periodic = tc.save_every > 0 and step % tc.save_every == 0
                 if periodic or is_last:
-                    trainer_state = {
-                        "step": step,
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "data": sampler.state_dict(),
-                        "window": window.state_dict(),
-                        "rng": rng_state(),
-                        "history": history,
-                    }
+                    full_sd = zdist.full_model_state_dict(step_module, env)  # FSDP2: every rank gathers
+                    opt_sd = zdist.optimizer_state_dict(wrapped, optimizer, env)
                     name = FINAL if is_last else f"checkpoint-{step}"
-                    last_ckpt = save_checkpoint(out / name, model, run_config=run_dict,
-                                                trainer_state=trainer_state, tokenizer=tokenizer)
-                    if not is_last:
-                        rotate_checkpoints(out, tc.keep_checkpoints)
-                    plot_curves(history, out / CURVES, title=" + ".join(Path(s).stem for s in run.source))
+                    if env.main:
+                        trainer_state = {
+                            "step": step,
+                            "optimizer": opt_sd,
+                            "scheduler": scheduler.state_dict(),
+                            "data": sampler.state_dict(),
+                            "window": window.state_dict(),
+                            "rng": rng_state(),
+                            "history": history,
+                            "world_size": world,
+                            "parallel_data": env.data,
+                        }
+                        model_sd = None if full_sd is None else {
+                            k.removeprefix("model."): v for k, v in full_sd.items()}
+                        save_checkpoint(out / name, model, run_config=run_dict, trainer_state=trainer_state,
+                                        tokenizer=tokenizer, state_dict=model_sd)
+                        if not is_last:
+                            rotate_checkpoints(out, tc.keep_checkpoints)
+                        plot_curves(history, out / CURVES, title=" + ".join(Path(s).stem for s in run.source))
+                    last_ckpt = out / name
+                    zdist.barrier()  # every rank waits until the checkpoint is complete
     finally:
         bar.close()
-    if history:
+    if history and env.main:
         plot_curves(history, out / CURVES, title=" + ".join(Path(s).stem for s in run.source))
     return TrainResult(
         checkpoint=last_ckpt,
@@ -386,12 +479,17 @@ class _Window:
 
     def add(self, loss: torch.Tensor, aux: torch.Tensor | None, preds: torch.Tensor, tgt: torch.Tensor,
             n_tokens: int) -> None:
+        self.add_counts(loss, aux, (preds == tgt).sum(), tgt.numel(), n_tokens)
+
+    def add_counts(self, loss: torch.Tensor, aux: torch.Tensor | None, correct: Any, count: Any,
+                   n_tokens: int) -> None:
+        """One micro-batch: its mean loss, aux loss, correct / labelled counts and tokens (global in a group)."""
         self.loss = self.loss + loss.detach().double().cpu()
         if aux is not None:
             a = aux.detach().double().cpu()
             self.aux = a if self.aux is None else self.aux + a
-        self.correct = self.correct + (preds == tgt).sum().double().cpu()
-        self.count = self.count + tgt.numel()
+        self.correct = self.correct + torch.as_tensor(correct).double().cpu()
+        self.count = self.count + count
         self.micro += 1
         self.tokens += n_tokens
 

@@ -221,7 +221,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_passkey(args: argparse.Namespace) -> int:
     """Passkey retrieval over prompt lengths (chunked prefill), one line per length."""
-    import zoo
     from zoo.data.passkey import evaluate_passkey
     from zoo.data.tokenizer import load_tokenizer
     from zoo.train.checkpoint import resolve_checkpoint
@@ -290,7 +289,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Generate a continuation and print it."""
     import torch
 
-    import zoo
     from zoo.data.tokenizer import load_tokenizer
     from zoo.train.checkpoint import resolve_checkpoint
 

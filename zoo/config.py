@@ -368,8 +368,8 @@ def check_model_size(model_cfg, *, memory: int | None = None) -> int:
     memory = _physical_memory() if memory is None else memory
     if memory and 4 * n > memory:
         embed = model_cfg.vocab_size * model_cfg.d_model * (1 if model_cfg.tie_word_embeddings else 2)
-        hint = (f"model.vocab_size={model_cfg.vocab_size}" if embed > n / 2
-                else f"model.d_model={model_cfg.d_model} / n_layers={model_cfg.n_layers}")
+        hint = (f"model.vocab_size (now {model_cfg.vocab_size})" if embed > n / 2
+                else f"model.d_model (now {model_cfg.d_model}) or n_layers (now {model_cfg.n_layers})")
         raise ConfigError(
             f"the model has {n:.3g} parameters ({_gb(4 * n)} in fp32), more than this machine's {_gb(memory)} of memory; "
             f"reduce {hint}."

@@ -23,6 +23,7 @@ from transformers.modeling_outputs import (
 from zoo.models.cache import ZooCache
 from zoo.models.configuration import ZooConfig
 from zoo.models.packing import packed_cu_seqlens
+from zoo.models.validation import check_inputs, check_labels
 from zoo.nn import RMSNorm
 from zoo.nn.mlp import build_mlp
 from zoo.registry import get_mixer
@@ -194,6 +195,7 @@ class ZooModel(ZooPreTrainedModel):
         cache = _one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds.")
+        check_inputs(input_ids, inputs_embeds, self.config.vocab_size)
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, L, D = x.shape
         if L == 0:
@@ -319,6 +321,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         With packed documents the loss never predicts a document's first token from the previous document.
         """
         _reject_unknown(kwargs, type(self).__name__ + ".forward")
+        check_labels(labels, self.config.vocab_size)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -151,7 +151,9 @@ def _resume_pickled_state(tmp, fx):
 
 
 def _finetune_offline(tmp, fx):
-    return ["finetune", str(fx["zoo"]), "--data", "someone/some-dataset", "--out", str(tmp / "ft")]
+    base = tmp / "base"  # byte-tokenizer sized, so the data is the first thing that fails
+    ZooForCausalLM(ZooConfig(**{**TINY_MODEL, "vocab_size": 260})).save_pretrained(base)
+    return ["finetune", str(base), "--data", "someone/some-dataset", "--out", str(tmp / "ft")]
 
 
 CLI_CASES = [

@@ -6,6 +6,7 @@ traceback; Python API cases assert the exception type and its message.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -115,8 +116,8 @@ def escaping_index(d: Path) -> None:
     sd = load_file(d / "model.safetensors")
     (d / "model.safetensors").unlink()
     save_file(sd, d.parent / "outside.safetensors")  # exists: a join without a check would read it
-    (d / "model.safetensors.index.json").write_text(
-        '{"metadata": {}, "weight_map": {"%s": "../outside.safetensors"}}' % next(iter(sd)))
+    index = {"metadata": {}, "weight_map": {name: "../outside.safetensors" for name in sd}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
 # ----- CLI cases ------------------------------------------------------------------------------------------------------

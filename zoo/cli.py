@@ -78,6 +78,25 @@ def _task_path(name: str) -> str:
     return str(cand) if cand.is_file() else name
 
 
+def _load_model(ckpt: Path):
+    """``ZooForCausalLM.from_pretrained(ckpt)``; damaged weight files become one sentence naming the file."""
+    import zoo
+    from zoo.train.checkpoint import quiet_hf_progress
+
+    try:
+        with quiet_hf_progress():
+            return zoo.ZooForCausalLM.from_pretrained(ckpt)
+    except Exception as e:  # safetensors raises its own SafetensorError (not a ValueError) for a damaged file
+        if type(e).__name__ != "SafetensorError" and "safetensors" not in str(e).lower():
+            raise
+        name = next((f.name for f in (ckpt / "model.safetensors", ckpt / "model.safetensors.index.json") if f.exists()),
+                    "model.safetensors")
+        raise UsageError(
+            f"{ckpt / name} is damaged or not a safetensors file ({_one_line(e)}); "
+            "re-save the checkpoint or pass another one."
+        ) from None
+
+
 # ----- zoo list --------------------------------------------------------------------------------------
 
 @command("list", "list the registered mixers (causal? one-token step path? what it is)")
@@ -180,15 +199,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _eval_passkey(args)
     import zoo
     from zoo.data import build_task
-    from zoo.train.checkpoint import load_run_config, quiet_hf_progress, resolve_checkpoint
+    from zoo.train.checkpoint import load_run_config, resolve_checkpoint
     from zoo.train.loop import _check_vocab, evaluate, resolve_device
 
     ckpt = resolve_checkpoint(args.checkpoint)
     saved = load_run_config(ckpt) or {}
     base = {k: v for k, v in saved.items() if k in ("train", "task")}
     run = zoo.load_config([base, *[_task_path(t) for t in args.task]], args.overrides)
-    with quiet_hf_progress():
-        model = zoo.ZooForCausalLM.from_pretrained(ckpt)
+    model = _load_model(ckpt)
     _, eval_set = build_task(run.task)
     _check_vocab(model.config.vocab_size, eval_set, run.task)
     device = resolve_device(run.train.device)
@@ -206,10 +224,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_passkey(args: argparse.Namespace) -> int:
     """Passkey retrieval over prompt lengths (chunked prefill), one line per length."""
-    import zoo
     from zoo.data.passkey import evaluate_passkey
     from zoo.data.tokenizer import load_tokenizer
-    from zoo.train.checkpoint import quiet_hf_progress, resolve_checkpoint
+    from zoo.train.checkpoint import resolve_checkpoint
     from zoo.train.loop import resolve_device
 
     try:
@@ -217,8 +234,7 @@ def _eval_passkey(args: argparse.Namespace) -> int:
     except ValueError:
         raise UsageError(f"--passkey {args.passkey!r}: expected lengths such as 1024,4096,32768.") from None
     ckpt = resolve_checkpoint(args.checkpoint)
-    with quiet_hf_progress():
-        model = zoo.ZooForCausalLM.from_pretrained(ckpt).eval()
+    model = _load_model(ckpt).eval()
     tok = load_tokenizer(str(ckpt) if (ckpt / "tokenizer_config.json").is_file() else "byte")
     if len(tok) > model.config.vocab_size:
         raise UsageError(f"{ckpt} has vocab_size {model.config.vocab_size} < {len(tok)} tokens of its tokenizer; "
@@ -280,15 +296,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Generate a continuation and print it."""
     import torch
 
-    import zoo
     from zoo.data.tokenizer import load_tokenizer
-    from zoo.train.checkpoint import quiet_hf_progress, resolve_checkpoint
+    from zoo.train.checkpoint import resolve_checkpoint
 
     if (args.prompt is None) == (args.ids is None):
         raise UsageError("zoo generate needs exactly one of --prompt TEXT or --ids '1 2 3'.")
     ckpt = resolve_checkpoint(args.checkpoint)
-    with quiet_hf_progress():
-        model = zoo.ZooForCausalLM.from_pretrained(ckpt)
+    model = _load_model(ckpt)
     model.eval()
     vocab = model.config.vocab_size
     tok = None

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import os
 import types
 import typing
 from pathlib import Path
@@ -77,14 +78,23 @@ def read_yaml(path: str | Path) -> dict:
     """Read one YAML mapping with clear errors for a missing file or bad syntax."""
     p = resolve_path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p} is not a text YAML file (it holds binary bytes); pass a YAML config file.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p} is a folder, not a YAML file; pass a YAML config file.") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{p}: YAML syntax error{where}: {problem}; fix the file's syntax.") from None
     if data is None:
-        return {}
+        raise ConfigError(
+            f"{p} is empty; put the model/train/task sections in it (see configs/attention.yaml), "
+            "or leave the file out to use the defaults."
+        )
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping with sections {', '.join(SECTIONS)}, got {type(data).__name__}.")
     return data
@@ -105,6 +115,8 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.path=value (e.g. train.lr=1e-3).")
         key, _, raw = item.partition("=")
+        if not key.strip() or any(not part.strip() for part in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key path; write key.path=value (e.g. train.lr=1e-3).")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -252,7 +264,21 @@ def validate_model(data: dict | None, path: str = "model"):
     for key in ("vocab_size", "d_model", "n_layers"):
         if key in clean and clean[key] < 1:
             raise ConfigError(f"{path}.{key}: must be a positive integer, got {clean[key]}.")
+    if clean.get("pattern") is not None and not clean["pattern"]:
+        raise ConfigError(f"{path}.pattern is empty; list at least one mixer (e.g. [attention]) or leave pattern out.")
+    if clean.get("layers") and "n_layers" in clean and clean["n_layers"] != len(clean["layers"]):
+        raise ConfigError(
+            f"{path}.n_layers={clean['n_layers']} but {path}.layers lists {len(clean['layers'])} layers; "
+            f"drop n_layers (the layers list sets the depth) or edit the layers list."
+        )
     mixers = clean.get("mixers") or {}
+    used = _used_mixers(clean)
+    for name in mixers:
+        if name not in used:
+            raise ConfigError(
+                f"{path}.mixers.{name}: settings for mixer {name!r}, which no layer uses (layers: {', '.join(sorted(used))}); "
+                f"remove them or add {name!r} to {path}.{'layers' if clean.get('layers') else 'pattern'}."
+            )
     for name, kw in mixers.items():
         if not isinstance(kw, dict):
             raise ConfigError(f"{path}.mixers.{name}: expected a mapping of options, got {kw!r}.")
@@ -303,7 +329,66 @@ def validate_model(data: dict | None, path: str = "model"):
                 get_mixer(spec["mixer"])(config.d_model, layer_idx=i, **spec["kwargs"])
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"{path}.layers[{i}] ({spec['mixer']}): {e}") from None
+            except ArithmeticError as e:  # e.g. a size of 0 divides somewhere
+                bad = [f"{k}={v}" for k, v in spec["kwargs"].items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0]
+                what = ", ".join(bad) if bad else f"options {spec['kwargs']}"
+                raise ConfigError(
+                    f"{path}.layers[{i}] ({spec['mixer']}): {what} gives an impossible layer ({e}); use positive sizes."
+                ) from None
     return config
+
+
+def _used_mixers(clean: dict) -> set[str]:
+    """The mixer names the layers of a (type-checked) model section use."""
+    if clean.get("layers"):
+        names = {spec if isinstance(spec, str) else spec.get("mixer") for spec in clean["layers"]
+                 if isinstance(spec, (str, dict))}
+        return {str(n) for n in names if n is not None}
+    return set(clean.get("pattern") or ["attention"])
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e12:.1f} TB" if n >= 1e12 else f"{n / 1e9:.1f} GB"
+
+
+def check_model_size(model_cfg, *, memory: int | None = None) -> int:
+    """The parameter count of a model config, counted on the meta device; a model whose fp32 weights alone
+    exceed this machine's memory is refused with a ConfigError naming the setting that makes it large."""
+    import torch
+
+    from zoo.models import ZooForCausalLM
+
+    with torch.device("meta"):
+        model = ZooForCausalLM(model_cfg)
+    n = sum(p.numel() for p in model.parameters())
+    memory = _physical_memory() if memory is None else memory
+    if memory and 4 * n > memory:
+        embed = model_cfg.vocab_size * model_cfg.d_model * (1 if model_cfg.tie_word_embeddings else 2)
+        hint = (f"model.vocab_size (now {model_cfg.vocab_size})" if embed > n / 2
+                else f"model.d_model (now {model_cfg.d_model}) or n_layers (now {model_cfg.n_layers})")
+        raise ConfigError(
+            f"the model has {n:.3g} parameters ({_gb(4 * n)} in fp32), more than this machine's {_gb(memory)} of memory; "
+            f"reduce {hint}."
+        )
+    return n
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"train.device: {name!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
 
 
 # ----- entry points ----------------------------------------------------------------------------------
@@ -328,6 +413,7 @@ def load_config(source, overrides: list[str] | None = None) -> RunConfig:
             raise ConfigError(f"{key}: unknown top-level section.{_suggest(key, SECTIONS)} Allowed: {', '.join(SECTIONS)}.")
     model = validate_model(merged.get("model"), "model")
     train = validate_dataclass(TrainConfig, merged.get("train"), "train")
+    _check_device(train.device)
     task = validate_dataclass(TaskConfig, merged.get("task"), "task")
     return RunConfig(model=model, train=train, task=task, source=names, raw=merged)
 
@@ -350,4 +436,5 @@ def build_model(config, *, head: str = "causal_lm"):
     classes = {"causal_lm": ZooForCausalLM, "classification": ZooForSequenceClassification, "base": ZooModel}
     if head not in classes:
         raise ValueError(f"build_model: unknown head {head!r}; choose one of {', '.join(classes)}.")
+    check_model_size(model_cfg)
     return classes[head](model_cfg)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,19 +30,67 @@ class ConversionError(ValueError):
     """The source is not a checkpoint this converter understands; the message says what to pass."""
 
 
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{file} is not valid JSON ({e}); restore the file from the original checkpoint.") from None
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except FileNotFoundError:
+        raise ConversionError(f"{file} is missing; copy every weight file the checkpoint lists.") from None
+    except Exception as e:  # safetensors' SafetensorError is not a ValueError
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ConversionError(f"{file} is damaged or not a safetensors file ({e}); download it again.") from None
+
+
+def _shard_files(src: Path, index: Path) -> list[Path]:
+    """The shard files ``index`` names, each checked to lie inside ``src`` (no ``../`` or absolute names)."""
+    data = _read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ConversionError(f"{index} has no weight_map of tensor name -> file name; restore the file.")
+    root = src.resolve()
+    files = []
+    for name in sorted(set(weight_map.values())):
+        path = (src / name).resolve()
+        if Path(name).is_absolute() or not path.is_relative_to(root):
+            raise ConversionError(
+                f"{index} names the weight file {name!r}, which lies outside {src}; "
+                "shard names must be plain file names inside the checkpoint folder."
+            )
+        files.append(path)
+    return files
+
+
 def _read_state_dict(src: Path) -> dict[str, torch.Tensor]:
     if (src / "model.safetensors").exists():
-        return load_file(src / "model.safetensors")
+        return _load_safetensors(src / "model.safetensors")
     index = src / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         out: dict[str, torch.Tensor] = {}
-        for f in files:
-            out.update(load_file(src / f))
+        for f in _shard_files(src, index):
+            out.update(_load_safetensors(f))
         return out
     if (src / "pytorch_model.bin").exists():
-        return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise ConversionError(
+                f"{src / 'pytorch_model.bin'} is not a safe checkpoint file (it holds Python objects beyond tensors, "
+                "which weights_only loading refuses); convert from a safetensors or plain-tensor checkpoint."
+            ) from None
+        except (RuntimeError, EOFError) as e:
+            raise ConversionError(f"{src / 'pytorch_model.bin'} is damaged or truncated ({_first_line(e)}); download it again.") from None
     raise ConversionError(f"{src}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin found.")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def detect_format(config: dict) -> str:
@@ -145,14 +194,30 @@ def _map_keys(sd: dict[str, torch.Tensor], fmt: str, n_layers: int) -> dict[str,
 
 def convert_checkpoint(src: str | Path, out: str | Path) -> Path:
     """Convert the Mamba checkpoint directory ``src`` into a zoo checkpoint at ``out``; returns ``out``."""
-    from zoo.models import ZooConfig, ZooForCausalLM
-
     src, out = Path(src), Path(out)
     if not (src / "config.json").is_file():
         raise ConversionError(f"{src} has no config.json; pass a Hugging Face or mamba_ssm Mamba checkpoint directory.")
-    cfg = json.loads((src / "config.json").read_text())
+    cfg = _read_json(src / "config.json")
+    if not isinstance(cfg, dict):
+        raise ConversionError(
+            f"{src / 'config.json'} holds a JSON {type(cfg).__name__}, not an object of model settings; "
+            "pass a Hugging Face or mamba_ssm Mamba checkpoint directory."
+        )
     fmt = detect_format(cfg)
     sd = _read_state_dict(src)
+    try:
+        return _convert(src, out, cfg, fmt, sd)
+    except KeyError as e:  # a config key or weight the format needs is absent
+        name = e.args[0] if e.args else "?"
+        where = "weight" if "." in str(name) else "config.json key"
+        raise ConversionError(
+            f"{src}: {where} {name!r} is missing for a {fmt} checkpoint; pass the complete checkpoint folder."
+        ) from None
+
+
+def _convert(src: Path, out: Path, cfg: dict, fmt: str, sd: dict[str, torch.Tensor]) -> Path:
+    from zoo.models import ZooConfig, ZooForCausalLM
+
     if fmt == "hf-mamba":
         model_kw, mixers = _hf_mamba_config(cfg)
         name = "mamba"

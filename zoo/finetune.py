@@ -71,6 +71,12 @@ class FinetuneConfig:
 
 # ----- data ------------------------------------------------------------------------------------------
 
+def _hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE / HF_DATASETS_OFFLINE forbid network access to the Hub."""
+    return any(os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
 def load_table(source: str, *, key: str = "--data"):
     """A ``datasets.Dataset`` from a local file / folder (format from the extension) or a hub dataset name."""
     import datasets
@@ -93,6 +99,11 @@ def load_table(source: str, *, key: str = "--data"):
                 f"{key}: cannot read {source!r}; use files of one format with extension {', '.join(sorted(FORMATS))}."
             )
         return datasets.load_dataset(formats.pop(), data_files=files, split="train")
+    if _hub_offline():
+        raise FinetuneError(
+            f"{key}: {source!r} is not a local file or folder, and HF_HUB_OFFLINE=1 forbids loading it from the "
+            "Hugging Face Hub; pass a local json/jsonl/csv/parquet/txt file (or unset HF_HUB_OFFLINE)."
+        )
     try:
         return datasets.load_dataset(source, split="train")
     except Exception as e:  # offline, unknown name, ...: one message for all of them
@@ -515,7 +526,8 @@ def finetune(cfg: FinetuneConfig | None = None, **kwargs) -> dict:
 
 _HELP = {
     "model": "zoo checkpoint folder (or one made by `zoo convert`), or a config YAML for a fresh model",
-    "data": "local json/jsonl/csv/parquet/txt file or folder (or a hub dataset name when online)",
+    "data": "local json/jsonl/csv/parquet/txt file or folder; a NAME that is no local path is downloaded from the "
+            "Hugging Face Hub as a dataset (refused when HF_HUB_OFFLINE=1)",
     "out": "output folder",
 }
 

@@ -27,6 +27,7 @@ from transformers.modeling_outputs import (
 from zoo.models.cache import ZooCache
 from zoo.models.configuration import ZooConfig
 from zoo.models.loss import causal_lm_loss, tiled_causal_lm_loss
+from zoo.models.validation import check_inputs, check_labels
 from zoo.nn import RMSNorm
 from zoo.nn.mlp import build_mlp
 from zoo.packing import packed_cu_seqlens
@@ -291,6 +292,7 @@ class ZooModel(ZooPreTrainedModel):
         cache = _one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds.")
+        check_inputs(input_ids, inputs_embeds, self.config.vocab_size)
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         B, L, D = x.shape
         if L == 0:
@@ -435,6 +437,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         (or ``loss_chunk_size`` is 0). In eval mode, or without labels, the logits are always returned.
         """
         _reject_unknown(kwargs, type(self).__name__ + ".forward")
+        check_labels(labels, self.config.vocab_size)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

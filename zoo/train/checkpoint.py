@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -36,6 +37,19 @@ class CheckpointError(ValueError):
 
 
 def _not_a_checkpoint(path: Path) -> CheckpointError:
+    cfg = path / "config.json"
+    if cfg.is_file():  # say what is wrong with this folder, not only that it is not a checkpoint
+        try:
+            data = json.loads(cfg.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return CheckpointError(f"{cfg} is not valid JSON; restore the file, or pass the directory written by `zoo train --out`.")
+        if not isinstance(data, dict):
+            return CheckpointError(f"{cfg} holds a JSON {type(data).__name__}, not an object of model settings; restore the file.")
+        if data.get("model_type") == "zoo":
+            return CheckpointError(
+                f"{path} has a zoo config.json but no model.safetensors weights; copy the weights in, or pass a "
+                "complete checkpoint (a pytorch_model.bin alone is not read: re-save with save_pretrained)."
+            )
     return CheckpointError(
         f"{path} is not a zoo checkpoint (no config.json with model_type 'zoo'); "
         "pass the directory written by `zoo train --out`."
@@ -196,7 +210,15 @@ def load_trainer_state(path: str | Path) -> dict:
             f"{path} has no {TRAINER_STATE}, so training cannot resume from it; "
             "resume from a directory written by `zoo train` (checkpoint-<step> or final)."
         )
-    return torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{file} is not a safe checkpoint file (it holds Python objects that weights_only loading refuses); "
+            "resume from a checkpoint written by `zoo train`."
+        ) from None
+    except (RuntimeError, EOFError):
+        raise CheckpointError(f"{file} is damaged or truncated; resume from an earlier checkpoint.") from None
 
 
 def load_run_config(path: str | Path) -> dict | None:

@@ -159,7 +159,7 @@ def _finetune_offline(tmp, fx):
 
 CLI_CASES = [
     ("mamba2-expand-0", _train(_cfg(pattern=["mamba2"], mixers={"mamba2": {"expand": 0}})),
-     ["expand=0", "positive"]),
+     ["expand", "positive"]),
     ("huge-vocab", _train(_cfg(vocab_size=100_000_000_000)), ["parameters", "memory", "model.vocab_size"]),
     ("device-tpu9", _train(_cfg(), "train.device=tpu9"), ["train.device", "'tpu9'", "cuda"]),
     ("empty-config", _train("", name="empty.yaml"), ["empty.yaml is empty"]),

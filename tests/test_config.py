@@ -76,3 +76,18 @@ def test_missing_file_and_yaml_syntax_error(tmp_path):
 def test_floats_written_without_a_dot_are_accepted():
     # PyYAML reads 1e-3 as a string; a float field takes it.
     assert load_config({"train": {"lr": "1e-3"}}).train.lr == pytest.approx(1e-3)
+
+
+def test_model_keys_are_read_from_zooconfig():
+    """One declaration: every ZooConfig field is a model key (use_cache was missing from a hand-kept copy)."""
+    from zoo.config import model_keys
+    from zoo.models.configuration import ZooConfig
+
+    own = {k for k in ZooConfig.__dict__["__annotations__"] if not k.startswith("_")}
+    assert own and own <= set(model_keys())
+    run = zoo.load_config({"model": {"d_model": 32, "use_cache": False, "pattern": ["attention"],
+                                     "mixers": {"attention": {"n_heads": 4}}}})
+    assert run.model.use_cache is False
+    with pytest.raises(zoo.ConfigError, match="model.pooling"):
+        zoo.load_config({"model": {"d_model": 32, "pooling": "max", "pattern": ["attention"],
+                                   "mixers": {"attention": {"n_heads": 4}}}})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import inspect
 import os
 import types
@@ -23,14 +24,21 @@ import yaml
 #: `zoo train mamba` and `--task mqar` work after a plain `pip install` outside the checkout.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 SECTIONS = ("model", "train", "task")
-MODEL_KEYS = {
-    "vocab_size": int, "d_model": int, "n_layers": int, "pattern": list | None, "layers": list | None,
-    "mixers": dict | None, "mlp": str, "mlp_hidden": int | None, "moe": dict | None, "norm_eps": float,
-    "tie_word_embeddings": bool, "initializer_range": float, "rescale_prenorm_residual": bool,
-    "pooling": Literal["auto", "last", "mean"], "num_labels": int,
-    "loss_chunk_size": int, "mlp_chunk_size": int, "pad_token_id": int | None, "bos_token_id": int | None, "eos_token_id": int | None,
-}
 MODEL_ALIASES = {"tie_embeddings": "tie_word_embeddings"}
+
+
+@functools.cache
+def model_keys() -> dict[str, Any]:
+    """The model section's keys and their types, read from the one declaration: ``ZooConfig``'s own fields
+    (plus ``num_labels``, which the classification head takes from transformers' config)."""
+    import zoo.models.configuration as module
+    from zoo.models.configuration import POOLING, ZooConfig
+
+    own = ZooConfig.__dict__.get("__annotations__", {})  # ZooConfig's own fields, not transformers' base fields
+    keys = {k: eval(t, vars(module)) if isinstance(t, str) else t for k, t in own.items() if not k.startswith("_")}
+    keys["pooling"] = Literal[POOLING]  # the choices, for the error message
+    keys["num_labels"] = int
+    return keys
 
 
 class ConfigError(ValueError):
@@ -258,9 +266,10 @@ def validate_model(data: dict | None, path: str = "model"):
             data[real] = data.pop(alias)
     clean = {}
     for key, value in data.items():
-        if key not in MODEL_KEYS:
-            raise ConfigError(f"{path}.{key}: unknown key.{_suggest(key, MODEL_KEYS)} Allowed: {', '.join(MODEL_KEYS)}.")
-        clean[key] = check_value(value, MODEL_KEYS[key], f"{path}.{key}")
+        keys = model_keys()
+        if key not in keys:
+            raise ConfigError(f"{path}.{key}: unknown key.{_suggest(key, keys)} Allowed: {', '.join(keys)}.")
+        clean[key] = check_value(value, keys[key], f"{path}.{key}")
     for key in ("vocab_size", "d_model", "n_layers"):
         if key in clean and clean[key] < 1:
             raise ConfigError(f"{path}.{key}: must be a positive integer, got {clean[key]}.")

@@ -6,6 +6,9 @@ from transformers import PreTrainedConfig
 
 from zoo.models.hub import CONFIG_AUTO_MAP, write_code_file
 
+#: How a classifier pools the sequence ("auto": the last real token for causal stacks, the mean otherwise).
+POOLING = ("auto", "last", "mean")
+
 
 class ZooConfig(PreTrainedConfig):
     """Vocabulary, width and the list of layers (each: mixer name + mixer kwargs + MLP kind).
@@ -36,7 +39,7 @@ class ZooConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
     rescale_prenorm_residual: bool = True
-    pooling: str = "auto"
+    pooling: str = "auto"  # one of POOLING
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -45,6 +48,8 @@ class ZooConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         self.layers = resolve_layers(self.n_layers, self.pattern, self.layers, self.mixers or {}, self.mlp)
         self.n_layers = len(self.layers)
+        if self.pooling not in POOLING:
+            raise ValueError(f"pooling must be one of {', '.join(POOLING)} (got {self.pooling!r}).")
         for key in ("loss_chunk_size", "mlp_chunk_size"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 raise ValueError(f"{key} must be a whole number of tokens >= 0 (got {getattr(self, key)!r}); 0 disables tiling.")

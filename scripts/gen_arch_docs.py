@@ -62,6 +62,7 @@ def kernel_backends() -> dict[str, list[str]]:
     """Public kernel function (``zoo.kernels.KERNELS``) -> backends it offers (torch always; triton when its
     folder has a triton.py; cuda when a package is named for it)."""
     import zoo.kernels as K
+    from zoo.kernels._dispatch import CUDA_PACKAGES
 
     out, sources = {}, {}
     for name, fn in K.KERNELS.items():
@@ -70,9 +71,8 @@ def kernel_backends() -> dict[str, list[str]]:
         backends = ["torch"]
         if (path.parent / "triton.py").is_file():
             backends.append("triton")
-        pkg = re.search(r'cuda_package="([\w-]+)"', src)
-        if pkg:
-            backends.append(f"cuda ({pkg.group(1)})")
+        if name in CUDA_PACKAGES:
+            backends.append(f"cuda ({CUDA_PACKAGES[name]})")
         out[name] = backends
     for name, src in sources.items():  # a thin wrapper of another kernel (ssd -> chunk_gla) has its backends
         if out[name] != ["torch"]:

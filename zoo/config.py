@@ -32,11 +32,12 @@ def model_keys() -> dict[str, Any]:
     """The model section's keys and their types, read from the one declaration: ``ZooConfig``'s own fields
     (plus ``num_labels``, which the classification head takes from transformers' config)."""
     import zoo.models.configuration as module
-    from zoo.models.configuration import POOLING, ZooConfig
+    from zoo.models.configuration import BACKEND_SETTINGS, POOLING, ZooConfig
 
     own = ZooConfig.__dict__.get("__annotations__", {})  # ZooConfig's own fields, not transformers' base fields
     keys = {k: eval(t, vars(module)) if isinstance(t, str) else t for k, t in own.items() if not k.startswith("_")}
     keys["pooling"] = Literal[POOLING]  # the choices, for the error message
+    keys["backend"] = Literal[BACKEND_SETTINGS]
     keys["num_labels"] = int
     return keys
 
@@ -242,6 +243,10 @@ def validate_mixer_kwargs(name: str, kwargs: dict, path: str) -> dict:
     except KeyError as e:
         raise ConfigError(f"{path}: {e.args[0]}") from None
     schema = mixer_schema(cls)
+    if "backend" not in schema:  # every mixer takes a kernel backend setting (zoo.registry.build_mixer)
+        from zoo.models.configuration import BACKEND_SETTINGS
+
+        schema = {**schema, "backend": Literal[BACKEND_SETTINGS] | None}
     out = {}
     for key, value in (kwargs or {}).items():
         if key not in schema:
@@ -258,7 +263,7 @@ def validate_model(data: dict | None, path: str = "model"):
 
     from zoo.models import ZooConfig
     from zoo.nn.mlp import MLP_KINDS
-    from zoo.registry import get_mixer
+    from zoo.registry import build_mixer
 
     data = dict(data or {})
     for alias, real in MODEL_ALIASES.items():
@@ -335,7 +340,7 @@ def validate_model(data: dict | None, path: str = "model"):
         seen.add(key)
         with torch.device("meta"):
             try:
-                get_mixer(spec["mixer"])(config.d_model, layer_idx=i, **spec["kwargs"])
+                build_mixer(spec["mixer"], config.d_model, layer_idx=i, kwargs=spec["kwargs"])
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"{path}.layers[{i}] ({spec['mixer']}): {e}") from None
             except ArithmeticError as e:  # e.g. a size of 0 divides somewhere

@@ -46,6 +46,24 @@ def _load_builtin() -> None:
                 warnings.warn(f"zoo: mixer module zoo.mixers.{info.name} failed to import ({_FAILED[info.name]}).", stacklevel=2)
 
 
+def build_mixer(name: str, d_model: int, *, layer_idx: int = 0, kwargs: dict | None = None,
+                backend: str | None = None):
+    """The mixer ``name`` built from its layer's kwargs, with its kernel backend setting.
+
+    ``kwargs["backend"]`` (``model.mixers.<name>.backend``) overrides the model's ``backend``; a mixer whose
+    constructor takes ``backend`` (MoM) also receives it. "auto" is stored as None (each kernel chooses).
+    """
+    import inspect
+
+    cls = get_mixer(name)
+    kwargs = dict(kwargs or {})
+    own = kwargs.get("backend") if "backend" in inspect.signature(cls.__init__).parameters else kwargs.pop("backend", None)
+    setting = own if own is not None else backend
+    mixer = cls(d_model, layer_idx=layer_idx, **kwargs)
+    mixer.backend = None if setting in (None, "auto") else setting
+    return mixer
+
+
 def list_mixers() -> list[str]:
     """Names of all registered mixers, sorted."""
     _load_builtin()

@@ -9,6 +9,36 @@ import os
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
+#: What a model's ``backend`` setting may say (YAML ``model.backend`` or ``model.mixers.<name>.backend``).
+BACKEND_SETTINGS = ("auto", *BACKENDS)
+#: The backends each kernel offers; "cuda" is an optional package (the ``[cuda]`` extra).
+KERNEL_BACKENDS = {
+    "linear_scan": ("torch", "triton"),
+    "selective_scan": ("torch", "triton", "cuda"),
+    "causal_conv1d": ("torch", "triton", "cuda"),
+    "chunk_gla": ("torch", "triton"),
+    "chunk_delta_rule": ("torch", "triton"),
+    "ssd": ("torch", "triton"),
+    "fft_conv": ("torch",),
+}
+#: The optional package behind each "cuda" backend.
+CUDA_PACKAGES = {"selective_scan": "mamba_ssm", "causal_conv1d": "causal_conv1d"}
+
+
+def backend_for(setting: str | None, op: str) -> str | None:
+    """A model's backend setting as the ``backend`` argument of kernel ``op`` (None = the kernel's auto choice).
+
+    "torch" and "triton" are passed on where the kernel has them; "cuda" means the optional CUDA package where the
+    kernel has one and Triton elsewhere; "auto" (or None) lets each kernel choose (Triton on CUDA tensors).
+    """
+    if setting in (None, "auto"):
+        return None
+    offered = KERNEL_BACKENDS.get(op, ("torch", "triton"))
+    if setting in offered:
+        return setting
+    if setting == "cuda" and "triton" in offered:
+        return "triton"
+    return None  # e.g. fft_conv under "triton": its only path (torch.fft, cuFFT on GPU)
 
 
 @functools.cache

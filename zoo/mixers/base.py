@@ -46,6 +46,15 @@ class Mixer(nn.Module, metaclass=ABCMeta):
     state_formula: str | None = None
     #: Small constructor settings under which the shared property tests run in seconds on CPU.
     test_settings: dict = {}
+    #: The kernel backend setting ("auto", "torch", "triton", "cuda"; None = auto), set by the model from
+    #: ``model.backend`` / ``model.mixers.<name>.backend``; pass ``self.kernel_backend(op)`` to every kernel call.
+    backend: str | None = None
+
+    def kernel_backend(self, op: str) -> str | None:
+        """This mixer's backend setting as the ``backend`` argument of kernel ``op`` (see ``backend_for``)."""
+        from zoo.kernels._dispatch import backend_for
+
+        return backend_for(self.backend, op)
 
     def __init__(self, d_model: int, *, layer_idx: int = 0) -> None:
         super().__init__()

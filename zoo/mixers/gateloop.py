@@ -72,7 +72,7 @@ class GateLoop(RecurrentMixer):
         a, b, q, gate = self._coeffs(x)
         a, b = pad_identity(a, b, mask)
         h0 = torch.view_as_complex(state["S"].contiguous()) if state is not None else None
-        S, last = linear_scan(a, b, h0, cu_seqlens=cu_seqlens)  # (B, L, H K K)
+        S, last = linear_scan(a, b, h0, cu_seqlens=cu_seqlens, backend=self.kernel_backend("linear_scan"))  # (B, L, H K K)
         return self._out(S, q, gate, x.dtype), ({"S": torch.view_as_real(last)} if return_state else None)
 
     def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:

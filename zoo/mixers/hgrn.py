@@ -133,7 +133,7 @@ class HGRN(RecurrentMixer):
         a, b, gate = self._coeffs(x)
         a, b = pad_identity(a, b, mask)
         h0 = self._unpack(state["h"]) if state is not None else None
-        h, last = linear_scan(a, b, h0, cu_seqlens=cu_seqlens)  # (B, L, E)
+        h, last = linear_scan(a, b, h0, cu_seqlens=cu_seqlens, backend=self.kernel_backend("linear_scan"))  # (B, L, E)
         return self._out(h, gate, x.dtype), ({"h": self._pack(last)} if return_state else None)
 
     def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:

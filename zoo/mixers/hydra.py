@@ -123,7 +123,8 @@ class Hydra(Mixer):
         Bsz, L, _ = x.shape
         z, xs, dt_f, dt_b, Bf, Cf, Bb, Cb = self.project(x, mask, cu_seqlens)
         A = -torch.exp(self.A_log.to(dt_f.dtype))
-        run = lambda *a: kernels.ssd(*a, chunk_size=self.chunk_size, cu_seqlens=cu_seqlens)  # noqa: E731
+        backend = self.kernel_backend("ssd")
+        run = lambda *a: kernels.ssd(*a, chunk_size=self.chunk_size, cu_seqlens=cu_seqlens, backend=backend)  # noqa: E731
         pos, length = _positions(L, cu_seqlens, x.device)
         t = torch.arange(L, device=x.device)
         rev = t - pos + (length - 1 - pos)  # reverses each sequence in place

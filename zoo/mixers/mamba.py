@@ -119,7 +119,8 @@ class Mamba(RecurrentMixer):
         conv_in = xs.transpose(1, 2)  # (B, E, L)
         weight = self.conv1d.weight[:, 0]  # (E, d_conv)
         prev = None if state is None else state["conv"]
-        xc = causal_conv1d(conv_in, weight, self.conv1d.bias, "silu", initial_states=prev, cu_seqlens=cu_seqlens)
+        xc = causal_conv1d(conv_in, weight, self.conv1d.bias, "silu", initial_states=prev, cu_seqlens=cu_seqlens,
+                           backend=self.kernel_backend("causal_conv1d"))
         xc = xc.transpose(1, 2)  # (B, L, E)
         dt, Bm, Cm = self._ssm_params(xc)
         A = -torch.exp(_fp32(self.A_log))  # (E, N)
@@ -132,6 +133,7 @@ class Mamba(RecurrentMixer):
             xc.transpose(1, 2), delta.transpose(1, 2), A, Bm.transpose(1, 2), Cm.transpose(1, 2),
             _fp32(self.D), z.transpose(1, 2), delta_bias, softplus, return_state,
             initial_state=None if state is None else state["ssm"], cu_seqlens=cu_seqlens,
+            backend=self.kernel_backend("selective_scan"),
         )
         y, ssm = out if return_state else (out, None)
         y = self.out_proj(y.transpose(1, 2).to(x.dtype))  # (B, L, D)

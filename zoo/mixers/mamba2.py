@@ -104,6 +104,7 @@ class Mamba2(RecurrentMixer):
         xc = kernels.causal_conv1d(
             xBC.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias, "silu",  # (B, conv_dim, L)
             initial_states=conv_prev.to(xBC.dtype) if conv_prev is not None else None, cu_seqlens=cu_seqlens,
+            backend=self.kernel_backend("causal_conv1d"),
         ).transpose(1, 2)  # (B, L, conv_dim)
         xs, Bm, Cm = xc.split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         dt = self._dt(dt)  # (B, L, H)
@@ -120,6 +121,7 @@ class Mamba2(RecurrentMixer):
             initial_state=state["ssm"] if state is not None else None,
             return_final_state=return_state,
             cu_seqlens=cu_seqlens,
+            backend=self.kernel_backend("ssd"),
         )
         y, ssm = out if return_state else (out, None)
         y = self.out_proj(self.norm(y.reshape(Bsz, L, self.d_inner).to(x.dtype), z))

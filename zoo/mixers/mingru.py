@@ -59,7 +59,8 @@ class _MinRNN(RecurrentMixer):
         return_state: bool = False,
     ) -> tuple[torch.Tensor, State | None]:
         a, b = pad_identity(*self._coeffs(x), mask)  # (B, L, E) each
-        h, last = linear_scan(a, b, state["h"] if state is not None else None, cu_seqlens=cu_seqlens)
+        h, last = linear_scan(a, b, state["h"] if state is not None else None, cu_seqlens=cu_seqlens,
+                              backend=self.kernel_backend("linear_scan"))
         y = self.out_proj(h.to(x.dtype))  # (B, L, D)
         return y, ({"h": last} if return_state else None)
 

@@ -24,6 +24,7 @@ routing choices held fixed, bf16 is within 2% of fp32 (tests/test_bf16.py).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,8 @@ def _fp32_region(device: torch.device):
 
 
 def _segment_conv(
-    rows: torch.Tensor, seg: torch.Tensor, n_seg: int, prev: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+    rows: torch.Tensor, seg: torch.Tensor, n_seg: int, prev: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal depthwise conv + SiLU over ``rows (R, E)`` grouped into segments (``seg (R,)`` sorted ids).
 
@@ -64,7 +66,7 @@ def _segment_conv(
     src = torch.where(p < W1, R + ext_seg * W1 + p, row_cu[ext_seg] + p - W1)
     pool = torch.cat([rows, prev.to(rows.dtype).transpose(1, 2).reshape(n_seg * W1, E)])
     ext = pool[src]  # (R + n_seg * (W-1), E)
-    y = causal_conv1d(ext.T[None], weight, bias, "silu", cu_seqlens=ext_cu)[0].T  # (R + n_seg * (W-1), E)
+    y = causal_conv1d(ext.T[None], weight, bias, "silu", cu_seqlens=ext_cu, backend=backend)[0].T  # (R + n_seg * (W-1), E)
     last = ext_cu[1:, None] - W1 + torch.arange(W1, device=rows.device)  # (n_seg, W-1)
     own = torch.arange(R, device=rows.device) + (seg + 1) * W1  # where each row sits in ext (after its prefixes)
     return y[own], ext[last].transpose(1, 2)
@@ -108,7 +110,7 @@ class MoM(RecurrentMixer):
         aux_loss_scale: float = 0.01,
         chunk_size: int = 64,
         norm_eps: float = 1e-5,
-        backend: str | None = None,
+        backend: Literal["auto", "torch", "triton", "cuda"] | None = None,
     ) -> None:
         super().__init__(d_model, layer_idx=layer_idx)
         if not 1 <= top_k <= n_memories:
@@ -247,12 +249,13 @@ class MoM(RecurrentMixer):
         kv_rows = [(rows, F.linear(xr[rows], self.kv_weight[m]), F.linear(xr[rows], self.gate_weight[m]))
                    for m, rows in enumerate(torch.split(tok_a, per_slot))]
         with _fp32_region(dev):
-            q, conv_q = _segment_conv(q_in.to(ct), seq_r, N, state["conv_q"], self.q_conv.weight, self.q_conv.bias)
+            q, conv_q = _segment_conv(q_in.to(ct), seq_r, N, state["conv_q"], self.q_conv.weight, self.q_conv.bias,
+                                     self.kernel_backend("causal_conv1d"))
             q = F.normalize(q.unflatten(-1, (H, K)), dim=-1)  # (R, H, K)
             kvs, conv_kv = [], []
             for m, (rows, kv_in, _) in enumerate(kv_rows):
                 kv, c = _segment_conv(kv_in.to(ct), seq_r[rows], N, state["conv_kv"][:, m], self.kv_conv_weight[m],
-                                      self.kv_conv_bias[m])
+                                      self.kv_conv_bias[m], self.kernel_backend("causal_conv1d"))
                 kvs.append(kv)
                 conv_kv.append(c)
             gates = torch.cat([gt for _, _, gt in kv_rows])
@@ -260,7 +263,7 @@ class MoM(RecurrentMixer):
             cu_r = F.pad(count_ids(slot * N + seq_r[tok_a], S * N).cumsum(0), (1, 0))
             h0 = state["memory"].transpose(0, 1).reshape(S * N, H, K, K)  # sequences ordered memory-major
             kw = dict(initial_state=h0, output_final_state=return_state, cu_seqlens=cu_r, chunk_size=self.chunk_size,
-                      backend=self.backend)
+                      backend=self.kernel_backend("chunk_delta_rule" if self.memory == "gated_delta" else "chunk_gla"))
             if self.memory == "gated_delta":
                 o, hT = chunk_delta_rule(q[tok_a][None], k[None], v[None], beta[None], g[None], **kw)
             else:

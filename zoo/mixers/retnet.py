@@ -149,7 +149,7 @@ class RetNet(RecurrentMixer):
         if self.mode == "chunk":
             o, S = chunk_gla(
                 q, k, v, g, scale=1.0, initial_state=S0, output_final_state=return_state,
-                cu_seqlens=cu_seqlens, chunk_size=self.chunk_size,
+                cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, backend=self.kernel_backend("chunk_gla"),
             )
         else:
             o, S = self._parallel(q, k, v, g, S0, cu_seqlens)

@@ -271,7 +271,7 @@ class S4(RecurrentMixer):
         if self.bidirectional:
             k0, k1 = k[:H], k[H:]
             k = F.pad(k0, (0, L)) + F.pad(k1.flip(-1), (L, 0))  # (H, 2L) two-sided kernel
-        y = fft_conv(ut, k, self.D)  # (B, H, L)
+        y = fft_conv(ut, k, self.D, backend=self.kernel_backend("fft_conv"))  # (B, H, L)
         n_pad = n_pad if n_pad is not None else torch.zeros(Bsz, dtype=torch.long, device=u.device)
         if state is not None:
             so = self._state_output(state["x"], L)  # (B, H, L), aligned to the first real token

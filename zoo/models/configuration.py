@@ -6,6 +6,9 @@ from transformers import PreTrainedConfig
 
 from zoo.models.hub import CONFIG_AUTO_MAP, write_code_file
 
+#: What ``backend`` may say: kernels choose ("auto": Triton on CUDA tensors), or one backend for every kernel that
+#: has it ("cuda": the optional mamba-ssm / causal-conv1d packages where they exist, Triton elsewhere).
+BACKEND_SETTINGS = ("auto", "torch", "triton", "cuda")
 #: How a classifier pools the sequence ("auto": the last real token for causal stacks, the mean otherwise).
 POOLING = ("auto", "last", "mean")
 
@@ -44,10 +47,14 @@ class ZooConfig(PreTrainedConfig):
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     use_cache: bool = True
+    #: Kernel backend for every mixer ("auto" | "torch" | "triton" | "cuda"); a mixer's own ``backend`` overrides it.
+    backend: str = "auto"
 
     def __post_init__(self, **kwargs):
         self.layers = resolve_layers(self.n_layers, self.pattern, self.layers, self.mixers or {}, self.mlp)
         self.n_layers = len(self.layers)
+        if self.backend not in BACKEND_SETTINGS:
+            raise ValueError(f"backend must be one of {', '.join(BACKEND_SETTINGS)} (got {self.backend!r}).")
         if self.pooling not in POOLING:
             raise ValueError(f"pooling must be one of {', '.join(POOLING)} (got {self.pooling!r}).")
         for key in ("loss_chunk_size", "mlp_chunk_size"):

@@ -31,7 +31,7 @@ from zoo.models.validation import check_inputs, check_labels
 from zoo.nn import RMSNorm
 from zoo.nn.mlp import build_mlp
 from zoo.packing import packed_cu_seqlens
-from zoo.registry import get_mixer
+from zoo.registry import build_mixer
 
 _OUT_PROJ_SUFFIXES = ("out_proj.weight", "o_proj.weight", "mlp.w2.weight")
 
@@ -72,7 +72,8 @@ class ZooBlock(nn.Module):
         super().__init__()
         spec = config.layers[layer_idx]
         self.mixer_norm = RMSNorm(config.d_model, eps=config.norm_eps)
-        self.mixer = get_mixer(spec["mixer"])(config.d_model, layer_idx=layer_idx, **spec["kwargs"])
+        self.mixer = build_mixer(spec["mixer"], config.d_model, layer_idx=layer_idx, kwargs=spec["kwargs"],
+                                 backend=config.backend)
         kind = spec["mlp"]
         self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps) if kind != "none" else None
         self.mlp = (

@@ -34,6 +34,7 @@ class ShortConv(nn.Module):
         state: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        backend: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``(B, L, E)`` -> y ``(B, L, E)``, new state ``(B, E, W-1)`` (``(N, E, W-1)`` per packed document).
 
@@ -43,7 +44,7 @@ class ShortConv(nn.Module):
             x = x * mask[..., None].to(x.dtype)
         y = causal_conv1d(
             x.transpose(1, 2), self.weight, self.bias, self.activation,
-            initial_states=None if state is None else state.to(x.dtype), cu_seqlens=cu_seqlens,
+            initial_states=None if state is None else state.to(x.dtype), cu_seqlens=cu_seqlens, backend=backend,
         )
         new_state = last_inputs(x, self.kernel_size - 1, prev=state, mask=mask, cu_seqlens=cu_seqlens)
         return y.transpose(1, 2), new_state

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from zoo.kernels._dispatch import resolve_backend
+from zoo.kernels._dispatch import CUDA_PACKAGES, resolve_backend
 from zoo.packing import seq_index, validate_cu_seqlens
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
@@ -78,7 +78,7 @@ def causal_conv1d(
     silu = activation is not None
     if backend is None and not 2 <= W <= 4:
         backend = "torch"  # the fused kernels take widths 2 to 4; any other width runs in torch
-    backend = resolve_backend(backend, x, op="causal_conv1d", cuda_package="causal_conv1d")
+    backend = resolve_backend(backend, x, op="causal_conv1d", cuda_package=CUDA_PACKAGES["causal_conv1d"])
     if backend != "torch" and not 2 <= W <= 4:
         raise ValueError(f"causal_conv1d: the {backend!r} backend takes conv widths 2 to 4, got {W}; use backend='torch'.")
     if backend == "torch":

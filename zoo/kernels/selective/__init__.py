@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from zoo.kernels._dispatch import compute_dtype, resolve_backend
+from zoo.kernels._dispatch import CUDA_PACKAGES, compute_dtype, resolve_backend
 from zoo.packing import validate_cu_seqlens
 
 __all__ = ["selective_scan", "selective_state_update"]
@@ -67,7 +67,7 @@ def selective_scan(
     scans packed sequences (batch 1) with the state reset at every sequence start.
     """
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, return_last_state)
-    backend = resolve_backend(backend, u, op="selective_scan", cuda_package="mamba_ssm")
+    backend = resolve_backend(backend, u, op="selective_scan", cuda_package=CUDA_PACKAGES["selective_scan"])
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if backend == "torch":
         from zoo.kernels.selective.chunked import selective_scan_chunked

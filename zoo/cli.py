@@ -200,7 +200,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import zoo
     from zoo.data import build_task
     from zoo.train.checkpoint import load_run_config, resolve_checkpoint
-    from zoo.train.loop import _check_vocab, evaluate, resolve_device
+    from zoo.train.loop import check_vocab, evaluate, resolve_device
 
     ckpt = resolve_checkpoint(args.checkpoint)
     saved = load_run_config(ckpt) or {}
@@ -208,7 +208,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     run = zoo.load_config([base, *[_task_path(t) for t in args.task]], args.overrides)
     model = _load_model(ckpt)
     _, eval_set = build_task(run.task)
-    _check_vocab(model.config.vocab_size, eval_set, run.task)
+    check_vocab(model.config.vocab_size, eval_set, run.task)
     device = resolve_device(run.train.device)
     model.to(device)
     res = evaluate(model, eval_set, batch_size=run.train.eval_batch_size or run.train.batch_size,
@@ -225,7 +225,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _eval_passkey(args: argparse.Namespace) -> int:
     """Passkey retrieval over prompt lengths (chunked prefill), one line per length."""
     from zoo.data.passkey import evaluate_passkey
-    from zoo.data.tokenizer import load_tokenizer
+    from zoo.data.tokenizer import checkpoint_tokenizer
     from zoo.train.checkpoint import resolve_checkpoint
     from zoo.train.loop import resolve_device
 
@@ -235,7 +235,7 @@ def _eval_passkey(args: argparse.Namespace) -> int:
         raise UsageError(f"--passkey {args.passkey!r}: expected lengths such as 1024,4096,32768.") from None
     ckpt = resolve_checkpoint(args.checkpoint)
     model = _load_model(ckpt).eval()
-    tok = load_tokenizer(str(ckpt) if (ckpt / "tokenizer_config.json").is_file() else "byte")
+    tok = checkpoint_tokenizer(ckpt)
     if len(tok) > model.config.vocab_size:
         raise UsageError(f"{ckpt} has vocab_size {model.config.vocab_size} < {len(tok)} tokens of its tokenizer; "
                          "passkey retrieval needs a text model.")
@@ -296,7 +296,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Generate a continuation and print it."""
     import torch
 
-    from zoo.data.tokenizer import load_tokenizer
+    from zoo.data.tokenizer import checkpoint_tokenizer
     from zoo.train.checkpoint import resolve_checkpoint
 
     if (args.prompt is None) == (args.ids is None):
@@ -314,11 +314,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not ids or max(ids) >= vocab or min(ids) < 0:
             raise UsageError(f"--ids must be non-empty token ids in [0, {vocab}) for {ckpt}.")
     else:
-        name = args.tokenizer or (str(ckpt) if (ckpt / "tokenizer_config.json").is_file() else "byte")
-        tok = load_tokenizer(name)
+        tok = checkpoint_tokenizer(ckpt, args.tokenizer)
         if len(tok) > vocab:
+            who = f"tokenizer {args.tokenizer!r}" if args.tokenizer else "the checkpoint's tokenizer"
             raise UsageError(
-                f"tokenizer {name!r} has {len(tok)} tokens but {ckpt} has model.vocab_size={vocab}; "
+                f"{who} has {len(tok)} tokens but {ckpt} has model.vocab_size={vocab}; "
                 "pass --tokenizer for the one it was trained with, or --ids for a synthetic-task model."
             )
         ids = tok(args.prompt, add_special_tokens=False)["input_ids"]

@@ -236,15 +236,11 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def load_tokenizer_for(model_path: str, tokenizer: str | None):
-    """The tokenizer named by ``tokenizer``; None: the one saved beside the checkpoint, else the byte tokenizer."""
-    from zoo.data.tokenizer import load_tokenizer
+    """:func:`zoo.data.tokenizer.checkpoint_tokenizer`, its errors naming ``--tokenizer``."""
+    from zoo.data.tokenizer import checkpoint_tokenizer
 
-    if tokenizer is None:
-        p = Path(model_path)
-        has_own = p.is_dir() and any((p / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json"))
-        tokenizer = str(p) if has_own else "byte"
     try:
-        return load_tokenizer(tokenizer)
+        return checkpoint_tokenizer(model_path, tokenizer)
     except (OSError, ValueError) as e:
         raise FinetuneError(str(e).replace("task.tokenizer", "--tokenizer")) from None
 

@@ -121,3 +121,14 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
             f"task.tokenizer: could not load a tokenizer from {str(path)!r} ({e}); "
             "point it at a folder written by tokenizer.save_pretrained() or use tokenizer: byte."
         ) from e
+
+
+def checkpoint_tokenizer(checkpoint: str | Path, name: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a checkpoint folder: ``name`` when given ("byte" or a folder), else the one saved beside the
+    checkpoint (``tokenizer_config.json`` / ``tokenizer.json``), else the byte tokenizer. The one rule that
+    ``zoo eval``, ``zoo generate``, ``zoo finetune`` and the lm-eval adapter share."""
+    if name is None:
+        p = Path(checkpoint)
+        own = p.is_dir() and any((p / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json"))
+        name = str(p) if own else "byte"
+    return load_tokenizer(name)

@@ -36,7 +36,8 @@ def require_lm_eval() -> None:
 
 def load_for_eval(checkpoint: str | Path, tokenizer: str | None = None, *, device: str | None = None):
     """``(model, tokenizer)`` from a checkpoint folder (zoo train / finetune output, a LoRA adapter, or its run dir)."""
-    from zoo.finetune import FinetuneError, is_checkpoint, load_finetuned, load_tokenizer_for
+    from zoo.data.tokenizer import checkpoint_tokenizer
+    from zoo.finetune import FinetuneError, is_checkpoint, load_finetuned
 
     p = Path(checkpoint)
     if not p.exists():
@@ -50,9 +51,9 @@ def load_for_eval(checkpoint: str | Path, tokenizer: str | None = None, *, devic
         p = Path(found)
     try:
         model = load_finetuned(p)
-        tok = load_tokenizer_for(str(p), tokenizer)
-    except FinetuneError as e:
-        raise EvalError(str(e)) from None
+        tok = checkpoint_tokenizer(p, tokenizer)
+    except (FinetuneError, OSError, ValueError) as e:
+        raise EvalError(str(e).replace("task.tokenizer", "--tokenizer")) from None
     if not hasattr(model, "lm_head"):
         raise EvalError(f"{str(p)!r} is a {type(model).__name__}; lm-eval and perplexity need a causal-LM checkpoint.")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -214,7 +214,7 @@ def evaluate(
     }
 
 
-def _check_vocab(model_vocab: int, data: TokenDataset, task: Any) -> None:
+def check_vocab(model_vocab: int, data: TokenDataset, task: Any) -> None:
     top = int(data.input_ids.max()) if len(data) else 0
     if top >= model_vocab:
         what = "the tokenizer" if task.name == "text" else f"task.vocab_size={task.vocab_size}"
@@ -321,7 +321,7 @@ def _train(run: Any, out: Path, env: zdist.DistEnv, ckpt: Path | None, state: di
 
     train_set, eval_set = build_task(task)
     tokenizer = load_tokenizer(task.tokenizer) if task.name == "text" else None
-    _check_vocab(run.model.vocab_size, train_set, task)
+    check_vocab(run.model.vocab_size, train_set, task)
 
     if ckpt is not None:
         with quiet_hf_progress():

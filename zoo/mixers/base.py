@@ -119,15 +119,8 @@ class RecurrentMixer(Mixer):
     """
 
     @abstractmethod
-    def scan(
-        self,
-        x: torch.Tensor,
-        *,
-        state: State | None = None,
-        mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        return_state: bool = False,
-    ) -> tuple[torch.Tensor, State | None]:
+    def scan(self, x: torch.Tensor, *, state: State | None = None, mask: torch.Tensor | None = None,
+             cu_seqlens: torch.Tensor | None = None, return_state: bool = False) -> tuple[torch.Tensor, State | None]:
         """Parallel/chunked path. ``mask (B, L)`` bool/0-1 or None. Returns ``y`` and, if asked, the final state."""
 
     @abstractmethod

@@ -60,15 +60,8 @@ class GateLoop(RecurrentMixer):
         y = rearrange(torch.einsum("...hk,...hkv->...hv", q, S), "... h v -> ... (h v)")  # (..., D)
         return self.out_proj((F.silu(gate) * y).to(dtype))
 
-    def scan(
-        self,
-        x: torch.Tensor,
-        *,
-        state: State | None = None,
-        mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        return_state: bool = False,
-    ) -> tuple[torch.Tensor, State | None]:
+    def scan(self, x: torch.Tensor, *, state: State | None = None, mask: torch.Tensor | None = None,
+             cu_seqlens: torch.Tensor | None = None, return_state: bool = False) -> tuple[torch.Tensor, State | None]:
         a, b, q, gate = self._coeffs(x)
         a, b = pad_identity(a, b, mask)
         h0 = torch.view_as_complex(state["S"].contiguous()) if state is not None else None

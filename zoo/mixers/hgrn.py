@@ -121,15 +121,8 @@ class HGRN(RecurrentMixer):
     def _unpack(self, s: torch.Tensor) -> torch.Tensor:
         return torch.view_as_complex(s.contiguous()) if self.complex else s
 
-    def scan(
-        self,
-        x: torch.Tensor,
-        *,
-        state: State | None = None,
-        mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        return_state: bool = False,
-    ) -> tuple[torch.Tensor, State | None]:
+    def scan(self, x: torch.Tensor, *, state: State | None = None, mask: torch.Tensor | None = None,
+             cu_seqlens: torch.Tensor | None = None, return_state: bool = False) -> tuple[torch.Tensor, State | None]:
         a, b, gate = self._coeffs(x)
         a, b = pad_identity(a, b, mask)
         h0 = self._unpack(state["h"]) if state is not None else None

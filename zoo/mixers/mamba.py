@@ -99,15 +99,8 @@ class Mamba(RecurrentMixer):
         dt, B, C = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         return F.linear(dt, self.dt_proj.weight), B, C
 
-    def scan(
-        self,
-        x: torch.Tensor,
-        *,
-        state: State | None = None,
-        mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        return_state: bool = False,
-    ) -> tuple[torch.Tensor, State | None]:
+    def scan(self, x: torch.Tensor, *, state: State | None = None, mask: torch.Tensor | None = None,
+             cu_seqlens: torch.Tensor | None = None, return_state: bool = False) -> tuple[torch.Tensor, State | None]:
         """x ``(B, L, D)`` -> y ``(B, L, D)``; padded positions leave both states unchanged."""
         if cu_seqlens is not None and (state is not None or return_state):
             raise ValueError("mamba: packed input (cu_seqlens) cannot be combined with a cache; pass the sequences as a batch.")

@@ -84,15 +84,8 @@ class Mamba2(RecurrentMixer):
         ct = torch.promote_types(dt.dtype, torch.float32)
         return F.softplus(dt.to(ct) + self.dt_bias.to(ct))
 
-    def scan(
-        self,
-        x: torch.Tensor,
-        *,
-        state: State | None = None,
-        mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        return_state: bool = False,
-    ) -> tuple[torch.Tensor, State | None]:
+    def scan(self, x: torch.Tensor, *, state: State | None = None, mask: torch.Tensor | None = None,
+             cu_seqlens: torch.Tensor | None = None, return_state: bool = False) -> tuple[torch.Tensor, State | None]:
         """Chunked SSD path: ``x (B, L, D)`` -> ``y (B, L, D)`` and, if asked, the state after the last token."""
         Bsz, L, _ = x.shape
         if cu_seqlens is not None and state is not None:

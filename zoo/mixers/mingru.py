@@ -49,15 +49,8 @@ class _MinRNN(RecurrentMixer):
         u = self.in_proj(x).to(torch.promote_types(x.dtype, torch.float32))
         return self._gates(u)
 
-    def scan(
-        self,
-        x: torch.Tensor,
-        *,
-        state: State | None = None,
-        mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        return_state: bool = False,
-    ) -> tuple[torch.Tensor, State | None]:
+    def scan(self, x: torch.Tensor, *, state: State | None = None, mask: torch.Tensor | None = None,
+             cu_seqlens: torch.Tensor | None = None, return_state: bool = False) -> tuple[torch.Tensor, State | None]:
         a, b = pad_identity(*self._coeffs(x), mask)  # (B, L, E) each
         h, last = linear_scan(a, b, state["h"] if state is not None else None, cu_seqlens=cu_seqlens,
                               backend=self.kernel_backend("linear_scan"))

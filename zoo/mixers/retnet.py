@@ -117,15 +117,8 @@ class RetNet(RecurrentMixer):
     def state_size(self, seq_len: int | None = None) -> int:
         return self.n_heads * self.head_k * self.head_v
 
-    def scan(
-        self,
-        x: torch.Tensor,
-        *,
-        state: State | None = None,
-        mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        return_state: bool = False,
-    ) -> tuple[torch.Tensor, State | None]:
+    def scan(self, x: torch.Tensor, *, state: State | None = None, mask: torch.Tensor | None = None,
+             cu_seqlens: torch.Tensor | None = None, return_state: bool = False) -> tuple[torch.Tensor, State | None]:
         B, L, _ = x.shape
         n = B if cu_seqlens is None else cu_seqlens.numel() - 1
         offset = state["pos"] if state is not None else torch.zeros(n, dtype=torch.long, device=x.device)

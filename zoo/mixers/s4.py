@@ -285,15 +285,8 @@ class S4(RecurrentMixer):
             new = {"x": self._final_state(x0, ut, L - n_pad)}
         return y.transpose(1, 2), new  # (B, L, H)
 
-    def scan(
-        self,
-        x: torch.Tensor,
-        *,
-        state: State | None = None,
-        mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        return_state: bool = False,
-    ) -> tuple[torch.Tensor, State | None]:
+    def scan(self, x: torch.Tensor, *, state: State | None = None, mask: torch.Tensor | None = None,
+             cu_seqlens: torch.Tensor | None = None, return_state: bool = False) -> tuple[torch.Tensor, State | None]:
         """FFT-convolution path: ``x (B, L, D)`` -> ``y (B, L, D)`` and, if asked, the state after the last token.
 
         With ``cu_seqlens`` the carried-in and returned states hold one row per packed sequence.

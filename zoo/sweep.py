@@ -94,7 +94,9 @@ class Sweep:
         model = {"d_model": width, "n_layers": self.sweep.n_layers, "pattern": [mixer],
                  "mixers": {mixer: mixers.get(mixer, {})}}
         task = {"name": "mqar", "seq_len": seq_len, "num_kv_pairs": kv}
-        return deep_merge(self.base, {"model": model, "train": {"lr": lr}, "task": task})
+        run = deep_merge(self.base, {"model": model, "train": {"lr": lr}, "task": task})
+        run["model"]["mixers"] = model["mixers"]  # only this run's mixer: settings for an unused mixer are refused
+        return run
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:

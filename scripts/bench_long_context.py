@@ -239,6 +239,7 @@ def main(argv=None) -> int:
             if "status" in res:
                 failed = True
                 rows.append([name, setting, L, res["status"], "", "", "", ""])
+                print(f"  {name} | {setting} | {L} | {res['status']}", flush=True)
                 continue
             longest[(name, setting)] = L
             us = res["seconds"] / L * 1e6
@@ -246,6 +247,7 @@ def main(argv=None) -> int:
             prev = (L, res["step_bytes"])
             rows.append([name, setting, L, round(res["peak_bytes"] / 2**20, 1), round(res["step_bytes"] / L / 1e3, 2),
                          marginal, round(us, 2), ""])
+            print("  " + " | ".join(map(str, rows[-1][:7])), flush=True)  # each case as it finishes (a long sweep)
     for row in rows:  # time relative to the same model's plain setting at the same L
         ref = next((r[6] for r in rows if r[0] == row[0] and r[1] == "plain" and r[2] == row[2]), None)
         if isinstance(ref, float) and isinstance(row[6], float) and ref > 0:

@@ -10,10 +10,12 @@ TORCH   ?= torch==2.13.0
 COMPAT_VENV := .venv-compat
 COMPAT_PY   := $(COMPAT_VENV)/bin/python
 COMPAT_PINS ?= triton==3.6.0 transformers==5.5.4
-# What the compat step runs: generation, cache, packing, fresh loading and every kernel (Triton interpreter).
+# What the compat step runs: generation, cache, packing, fresh loading, every kernel (Triton interpreter), the
+# backend setting, bf16 and the tiled loss.
 COMPAT_TESTS ?= tests/test_generation.py tests/test_hf_packing.py tests/test_fresh_load.py tests/test_models.py \
 	tests/test_hybrid.py tests/test_linear_scan.py tests/test_selective_scan.py tests/test_gla.py \
-	tests/test_delta_rule.py tests/test_causal_conv1d.py tests/test_triton_compat.py
+	tests/test_delta_rule.py tests/test_causal_conv1d.py tests/test_triton_compat.py tests/test_packing.py \
+	tests/test_backend.py tests/test_kernel_layout.py tests/test_bf16.py tests/test_long_context.py
 PYTEST  := -m pytest -q -p no:cacheprovider -ra --durations=10
 
 .PHONY: demo test test-all test-compat lint clean install versions

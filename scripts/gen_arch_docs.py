@@ -59,21 +59,17 @@ def math_section(name: str, text: str) -> str:
 
 
 def kernel_backends() -> dict[str, list[str]]:
-    """Public kernel function (``zoo.kernels.KERNELS``) -> backends it offers (torch always; triton when its
-    folder has a triton.py; cuda when a package is named for it)."""
+    """Public kernel function (``zoo.kernels.KERNELS``) -> the backends it offers (``KERNEL_BACKENDS``, the table
+    the kernels' dispatch reads)."""
     import zoo.kernels as K
-    from zoo.kernels._dispatch import CUDA_PACKAGES
+    from zoo.kernels._dispatch import CUDA_PACKAGES, KERNEL_BACKENDS
 
     out, sources = {}, {}
     for name, fn in K.KERNELS.items():
         path = Path(inspect.getfile(fn))
         src = sources[name] = path.read_text()
-        backends = ["torch"]
-        if (path.parent / "triton.py").is_file():
-            backends.append("triton")
-        if name in CUDA_PACKAGES:
-            backends.append(f"cuda ({CUDA_PACKAGES[name]})")
-        out[name] = backends
+        offered = KERNEL_BACKENDS.get(name, ("torch",))  # one-step updates (decode) run in torch
+        out[name] = [f"cuda ({CUDA_PACKAGES[name]})" if b == "cuda" else b for b in offered]
     for name, src in sources.items():  # a thin wrapper of another kernel (ssd -> chunk_gla) has its backends
         if out[name] != ["torch"]:
             continue
@@ -134,7 +130,9 @@ def describe(name: str, backends: dict[str, list[str]], math: str) -> tuple[str,
     info = {
         "causal": bool(mixer.causal), "decode": check_decode(model) if mixer.causal else False,
         "packing": check_packing(model), "kernels": used,
-        "triton": bool(used) and all(any(b.startswith("triton") for b in backends.get(k, [])) for k in used),
+        # the sequence kernels (not the one-token decode updates, which are plain torch) all have Triton
+        "triton": bool(used) and all(any(b.startswith("triton") for b in backends.get(k, [])) for k in used
+                                     if not k.endswith("_update")),
         "cuda": sorted({b for k in used for b in backends.get(k, []) if b.startswith("cuda")}),
         "lora": _lora_targets(model),
     }

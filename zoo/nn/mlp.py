@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +17,7 @@ def swiglu_hidden(d_model: int, multiple_of: int = 256) -> int:
     return m * ((h + m - 1) // m)
 
 
-class _TokenwiseMLP(nn.Module):
+class _TokenwiseMLP(nn.Module, metaclass=ABCMeta):
     """An MLP acting on each token alone; with ``chunk_size`` > 0 it runs ``chunk_size`` tokens at a time.
 
     Its hidden activations (2-4x d_model per token, several of them saved for backward) then exist for one tile
@@ -25,8 +27,9 @@ class _TokenwiseMLP(nn.Module):
 
     chunk_size: int = 0
 
+    @abstractmethod
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The MLP on ``x (..., d_model)``: what each subclass computes."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = self.chunk_size

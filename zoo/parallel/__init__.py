@@ -1,0 +1,1 @@
+"""Parallelism across processes beyond data parallelism (``zoo.train.distributed``): sequence parallelism."""

@@ -26,11 +26,12 @@ from transformers.modeling_outputs import (
 
 from zoo.models.cache import ZooCache
 from zoo.models.configuration import ZooConfig
-from zoo.models.loss import causal_lm_loss, tiled_causal_lm_loss
+from zoo.models.loss import IGNORE_INDEX, causal_lm_loss, tiled_causal_lm_loss, tiled_linear_cross_entropy
 from zoo.models.validation import check_inputs, check_labels
 from zoo.nn import RMSNorm
 from zoo.nn.mlp import build_mlp
 from zoo.packing import packed_cu_seqlens
+from zoo.parallel import sequence
 from zoo.registry import build_mixer
 
 _OUT_PROJ_SUFFIXES = ("out_proj.weight", "o_proj.weight", "mlp.w2.weight")
@@ -303,11 +304,19 @@ class ZooModel(ZooPreTrainedModel):
             )
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
-        cu_seqlens = packed_cu_seqlens(
-            B, L, cu_seqlens=cu_seqlens, position_ids=position_ids, cu_seq_lens_q=cu_seq_lens_q,
-            cu_seq_lens_k=cu_seq_lens_k, max_length_q=max_length_q, max_length_k=max_length_k, seq_idx=seq_idx,
-            attention_mask=attention_mask,
-        )
+        shard = sequence.active()
+        if shard is not None:
+            cu_seqlens = _sequence_parallel_packing(
+                shard, B, L, cache=cache, use_cache=use_cache, attention_mask=attention_mask,
+                given=(cu_seqlens, position_ids, cu_seq_lens_q, cu_seq_lens_k, seq_idx),
+            )
+            cache, use_cache = None, False
+        else:
+            cu_seqlens = packed_cu_seqlens(
+                B, L, cu_seqlens=cu_seqlens, position_ids=position_ids, cu_seq_lens_q=cu_seq_lens_q,
+                cu_seq_lens_k=cu_seq_lens_k, max_length_q=max_length_q, max_length_k=max_length_k, seq_idx=seq_idx,
+                attention_mask=attention_mask,
+            )
         if cu_seqlens is not None and (cache is not None or (use_cache and not self.training)):
             raise ValueError(
                 "packed documents (cu_seqlens, or position_ids/seq_idx that restart) cannot be decoded with a cache; "
@@ -351,6 +360,30 @@ class ZooModel(ZooPreTrainedModel):
             if isinstance(a, torch.Tensor):
                 total = a if total is None else total + a
         return total
+
+
+def _sequence_parallel_packing(shard, B: int, L: int, *, cache, use_cache, attention_mask, given) -> torch.Tensor | None:
+    """Checks of a sequence-parallel forward; returns the slice's packing (``shard.local_cu_seqlens``)."""
+    if cache is not None or use_cache:
+        raise ValueError(
+            "sequence parallelism runs training and scoring forwards only; decode with a cache in one process "
+            "(load the checkpoint without train.parallel.sequence)."
+        )
+    if attention_mask is not None:
+        raise ValueError(
+            "sequence parallelism takes no padding mask; pack the documents into one row (the shard's cu_seqlens) "
+            "instead of padding them."
+        )
+    if any(g is not None for g in given):
+        raise ValueError(
+            "under sequence parallelism the packing comes from the shard (SequenceShard(cu_seqlens=...)); do not pass "
+            "cu_seqlens, position_ids or seq_idx to the model."
+        )
+    if L != shard.length:
+        raise ValueError(f"this rank holds {shard.length} tokens of each sequence; got an input of {L} (pass shard.take(ids)).")
+    if shard.cu_seqlens is not None and B != 1:
+        raise ValueError(f"packed sequence-parallel input must be one row (batch 1); got batch {B}.")
+    return shard.local_cu_seqlens
 
 
 def _run_block(block: ZooBlock, x, attention_mask, cu_seqlens):
@@ -469,7 +502,10 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             B, L = h.shape[:2]
             if out.cu_seqlens is not None and B > 1:  # packed rows were run as one row: so is the loss
                 h, labels = h.reshape(1, B * L, -1), labels.reshape(1, B * L)
-            if tiled:
+            shard = sequence.active()
+            if shard is not None:
+                loss = self._sequence_parallel_loss(h, logits, labels, tiled, shard)
+            elif tiled:
                 loss = tiled_causal_lm_loss(
                     h, self.lm_head.weight, labels, out.cu_seqlens, chunk_size=self.config.loss_chunk_size
                 )
@@ -485,6 +521,21 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             aux_loss=aux,
             **{_OUTPUT_CACHE_FIELD: getattr(out, _OUTPUT_CACHE_FIELD)},
         )
+
+
+    def _sequence_parallel_loss(self, h, logits, labels, tiled: bool, shard) -> torch.Tensor:
+        """The whole sequence group's next-token loss from this rank's slice (see ``sequence.group_mean_loss``)."""
+        targets = sequence.next_token_targets(labels.to(h.device), shard).reshape(-1)
+        count = (targets != IGNORE_INDEX).sum()
+        if int(count) == 0:
+            local = h.sum() * 0.0  # nothing to predict here; keeps this rank in the backward
+        elif tiled:
+            local = tiled_linear_cross_entropy(
+                h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets, chunk_size=self.config.loss_chunk_size
+            )[0]
+        else:
+            local = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX)
+        return sequence.group_mean_loss(local, count, shard)
 
 
 class ZooForSequenceClassification(ZooPreTrainedModel):

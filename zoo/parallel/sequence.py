@@ -35,7 +35,7 @@ from zoo.packing import seq_ids, validate_cu_seqlens
 
 __all__ = [
     "SequenceShard", "sequence_parallel", "active", "local", "slice_bounds", "all_gather", "halo_before",
-    "halo_after", "carry_rows", "lasp",
+    "halo_after", "carry_rows", "lasp", "next_token_targets", "group_mean_loss", "sum_across",
 ]
 
 
@@ -286,3 +286,55 @@ def lasp(
     else:
         init = init + 0 * s0.sum().to(init.dtype)
     return run(init)
+
+
+# --- the loss over a sequence group -----------------------------------------------------------------------------
+
+
+def next_token_targets(labels: torch.Tensor, shard: SequenceShard, ignore_index: int = -100) -> torch.Tensor:
+    """Targets of this slice's positions, ``targets[:, t] = labels[:, t + 1]`` of the whole sequence (labels local).
+
+    The last position of the slice predicts the next rank's first label; the last token of every document (and of
+    the sequence) predicts nothing, as in the unsplit :func:`zoo.models.loss.shift_labels`.
+    """
+    following = halo_after(labels, 1, shard, dim=1)  # (B, 1): the next slice's first label
+    targets = torch.cat([labels[:, 1:], following], dim=1).clone()
+    pos = torch.arange(shard.start, shard.end, device=labels.device)
+    if shard.cu_seqlens is None:
+        last = pos == shard.total - 1
+    else:
+        ends = shard.cu_seqlens.to(labels.device).long()[1:] - 1
+        last = torch.isin(pos, ends)
+    targets[:, last] = ignore_index
+    return targets
+
+
+class _SumAcross(torch.autograd.Function):
+    """All-reduce sum whose backward is the identity: each rank back-propagates its own share of a group total."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def group_mean_loss(local_mean: torch.Tensor, local_count: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
+    """The sequence group's mean loss from this rank's mean over ``local_count`` targets (same value on every rank).
+
+    Backward gives each rank the gradient of its own targets' share, so the sum over the group's ranks of every
+    parameter's gradient is the single-process gradient (what data-parallel reduction then adds up).
+    """
+    count = local_count.detach().to(torch.float32).clone()
+    dist.all_reduce(count, group=shard.group)
+    share = torch.where(local_count > 0, local_mean.float() * local_count, local_mean.new_zeros(()).float())
+    return _SumAcross.apply(share / count, shard.group)
+
+
+def sum_across(x: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
+    """The group's sum of ``x`` on every rank; backward: each rank's own share (see :func:`group_mean_loss`)."""
+    return _SumAcross.apply(x, shard.group)

@@ -11,6 +11,7 @@ import torch
 from zoo.kernels._dispatch import resolve_backend
 from zoo.kernels.scan.chunked import linear_scan_chunked
 from zoo.packing import seq_lengths, validate_cu_seqlens
+from zoo.parallel import sequence
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
 
@@ -71,6 +72,10 @@ def linear_scan(
     Differentiable in a, b and h0 on every backend.
     """
     _check(a, b, h0, cu_seqlens)
+    if (shard := sequence.active()) is not None:  # one sequence split across ranks
+        from zoo.parallel.kernels import linear_scan_sp
+
+        return linear_scan_sp(a, b, h0, reverse=reverse, cu_seqlens=cu_seqlens, backend=backend, shard=shard)
     backend = resolve_backend(backend, a, op="linear_scan")
     if cu_seqlens is not None and not torch.compiler.is_compiling():
         nonempty = seq_lengths(cu_seqlens) > 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from sp_harness import run_ranks
 
 VOCAB, D, L = 32, 32, 16
@@ -20,7 +19,7 @@ def _model(pattern, mixers) -> dict:
 
 
 def check(results, jobs, world, rtol=1e-5, atol=1e-6):
-    for (job, kw), per_rank in zip(jobs, results):
+    for (_job, kw), per_rank in zip(jobs, results):
         for rank, res in enumerate(per_rank):
             assert (res["seen"] == L // world).all(), f"{kw} rank {rank}: mixers saw lengths {res['seen'].tolist()}"
             for key in res:

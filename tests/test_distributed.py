@@ -159,8 +159,8 @@ def test_fsdp_resume_is_exact_and_other_world_size_is_refused(runs):
 
 
 def test_parallel_config_is_validated():
-    with pytest.raises(zoo.ConfigError, match="parallel.sequence=2 is not supported"):
-        zoo.load_config(copy.deepcopy(MODELS["mamba"]), overrides=["train.parallel.sequence=2"])
+    with pytest.raises(zoo.ConfigError, match="positive integer"):
+        zoo.load_config(copy.deepcopy(MODELS["mamba"]), overrides=["train.parallel.sequence=0"])
     with pytest.raises(zoo.ConfigError, match="none, ddp, fsdp"):
         zoo.load_config(copy.deepcopy(MODELS["mamba"]), overrides=["train.parallel.data=zero3"])
     assert zoo.load_config(copy.deepcopy(MODELS["mamba"])).train.parallel == {"data": None, "sequence": 1}

@@ -45,7 +45,7 @@ def barrier() -> None:
 
 
 def check_parallel(parallel: dict) -> dict:
-    """Validate ``train.parallel`` (``data: none|ddp|fsdp``, ``sequence: 1``) and fill its defaults."""
+    """Validate ``train.parallel`` (``data: none|ddp|fsdp``, ``sequence: P``) and fill its defaults."""
     if not isinstance(parallel, dict):
         raise ValueError(f"train.parallel must be a mapping like {{data: ddp, sequence: 1}} (got {parallel!r}).")
     unknown = sorted(set(parallel) - {"data", "sequence"})
@@ -57,11 +57,6 @@ def check_parallel(parallel: dict) -> dict:
     seq = parallel.get("sequence", 1)
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
         raise ValueError(f"train.parallel.sequence must be a positive integer (got {seq!r}).")
-    if seq > 1:
-        raise ValueError(
-            f"train.parallel.sequence={seq} is not supported yet (sequence parallelism is the next issue); "
-            "set train.parallel.sequence=1."
-        )
     return {"data": data, "sequence": seq}
 
 
@@ -75,6 +70,25 @@ class DistEnv:
     device: torch.device = torch.device("cpu")
     data: str = "none"
     owns_group: bool = False
+    #: Ranks per sequence group (``train.parallel.sequence``): each sequence is split over ``sequence`` ranks.
+    sequence: int = 1
+    #: This rank's sequence group (None without sequence parallelism).
+    seq_group: Any = None
+
+    @property
+    def seq_rank(self) -> int:
+        """Index of this rank in its sequence group (which slice of every sequence it holds)."""
+        return self.rank % self.sequence
+
+    @property
+    def data_rank(self) -> int:
+        """Index of this rank's data-parallel group (which share of the global batch it holds)."""
+        return self.rank // self.sequence
+
+    @property
+    def data_world(self) -> int:
+        """Number of data-parallel groups (world size / sequence)."""
+        return self.world_size // self.sequence
 
     @property
     def main(self) -> bool:
@@ -98,6 +112,12 @@ def setup(device: torch.device, parallel: dict) -> DistEnv:
     """
     par = check_parallel(parallel)
     world = env_world_size()
+    seq = par["sequence"]
+    if world % seq:
+        raise ValueError(
+            f"train.parallel.sequence={seq} must divide the number of processes ({world}); launch a multiple of "
+            f"{seq} processes (torchrun --nproc_per_node=...) or change train.parallel.sequence."
+        )
     if world <= 1:  # ddp/fsdp over one process is the plain run (same maths): no process group needed
         return DistEnv(device=device, data="none")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -114,13 +134,34 @@ def setup(device: torch.device, parallel: dict) -> DistEnv:
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
         owns = True
     mode = par["data"] or "ddp"
+    if mode == "none" and seq > 1:
+        raise ValueError(
+            "train.parallel.data=none cannot add up the gradient shares of a sequence group's ranks; use "
+            "train.parallel.data=ddp or fsdp with train.parallel.sequence."
+        )
     if mode == "none":
         raise ValueError(
             f"train.parallel.data=none but {world} processes were launched; use train.parallel.data=ddp or fsdp, "
             "or launch one process."
         )
-    return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                   device=device, data=mode, owns_group=owns)
+    rank_, world_ = dist.get_rank(), dist.get_world_size()
+    seq_group = None
+    if seq > 1:  # every rank creates every group (new_group is collective), then keeps its own
+        for g in range(world_ // seq):
+            group = dist.new_group(list(range(g * seq, (g + 1) * seq)))
+            if rank_ // seq == g:
+                seq_group = group
+    return DistEnv(rank=rank_, world_size=world_, local_rank=local_rank, device=device, data=mode, owns_group=owns,
+                   sequence=seq, seq_group=seq_group)
+
+
+def sequence_shard(env: DistEnv, total: int):
+    """This rank's :class:`zoo.parallel.sequence.SequenceShard` of sequences of ``total`` tokens (None without SP)."""
+    if env.sequence <= 1:
+        return None
+    from zoo.parallel.sequence import SequenceShard
+
+    return SequenceShard(env.seq_group, env.seq_rank, env.sequence, total)
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
@@ -23,6 +24,7 @@ from zoo.data import build_task
 from zoo.data.base import IGNORE_INDEX, TokenDataset
 from zoo.data.tokenizer import load_tokenizer
 from zoo.models.loss import tiled_linear_cross_entropy
+from zoo.parallel import sequence
 from zoo.train import distributed as zdist
 from zoo.train.checkpoint import (
     FINAL,
@@ -139,12 +141,18 @@ def lm_step(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, sparse: b
     exist at any length; the loss equals ``model(input_ids, labels=labels).loss`` (which also includes the
     auxiliary losses).
     """
-    targets = shifted_targets(labels)
+    shard = sequence.active()  # sequence parallel: a slice of each sequence; its last target is the next slice's
+    targets = shifted_targets(labels) if shard is None else sequence.next_token_targets(labels, shard)
     mask = targets != IGNORE_INDEX
     if sparse:
         hidden = model.model(input_ids=input_ids).last_hidden_state
         tgt = targets[mask]
         chunk = int(getattr(model.config, "loss_chunk_size", 0) or 0) or max(int(tgt.numel()), 1)
+        if shard is not None and tgt.numel() == 0:
+            # No label in this slice: a zero loss that still runs the backward (the slice's states feed the later
+            # ranks) and gives every parameter a gradient, the head's included, as data-parallel reduction expects.
+            aux = model.model.aux_loss() if model.training else None
+            return (hidden.sum() + model.lm_head.weight.sum()) * 0.0, aux, tgt.clone(), tgt, mask
         loss, preds = tiled_linear_cross_entropy(hidden[mask], model.lm_head.weight, tgt, chunk_size=chunk)
         aux = model.model.aux_loss() if model.training else None
         return loss, aux, preds, tgt, mask
@@ -153,8 +161,30 @@ def lm_step(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, sparse: b
         logits = out.logits[mask]
         aux = model.model.aux_loss() if model.training and hasattr(model, "model") else None
     tgt = targets[mask]
-    loss = F.cross_entropy(logits.float(), tgt)
+    loss = F.cross_entropy(logits.float(), tgt) if tgt.numel() or shard is None else out.logits.sum() * 0.0
     return loss, aux, logits.argmax(-1), tgt, mask
+
+
+def sequence_parallel_eval_step(step: Any, shard_for: Any) -> Any:
+    """An :func:`evaluate` ``forward`` that runs each batch split over the sequence group and gathers the results.
+
+    ``step(input_ids, labels)`` is the (wrapped) :func:`lm_step`; ``shard_for(L)`` gives this rank's shard. The loss
+    is the group's token mean, the predictions are gathered back to full length (integers; no activations).
+    """
+
+    def forward(x: torch.Tensor, y: torch.Tensor):
+        shard = shard_for(x.shape[1])
+        with sequence.sequence_parallel(shard):
+            loss, aux, preds, tgt, mask = step(shard.take(x), shard.take(y))
+        full = torch.full_like(mask, IGNORE_INDEX, dtype=torch.long)
+        full[mask] = preds
+        stats = torch.stack([loss.detach().double() * tgt.numel(), torch.tensor(float(tgt.numel()), dtype=torch.float64)])
+        dist.all_reduce(stats, group=shard.group)
+        full_all = torch.cat(list(sequence.all_gather(full, shard).unbind(0)), dim=1)
+        mask_all = torch.cat(list(sequence.all_gather(mask.to(torch.uint8), shard).unbind(0)), dim=1).bool()
+        return (stats[0] / stats[1].clamp_min(1)).float(), aux, full_all[mask_all], full_all[mask_all], mask_all
+
+    return forward
 
 
 class LMStep(nn.Module):
@@ -298,18 +328,19 @@ def _train(run: Any, out: Path, env: zdist.DistEnv, ckpt: Path | None, state: di
     import zoo
 
     tc, task = run.train, run.task
-    world = env.world_size
-    if tc.batch_size % world:
+    world, groups, seq = env.world_size, env.data_world, env.sequence
+    if tc.batch_size % groups:
         raise ValueError(
-            f"train.batch_size={tc.batch_size} does not split over {world} processes; "
-            f"set train.batch_size to a multiple of {world} (it is the global batch per micro-step)."
+            f"train.batch_size={tc.batch_size} does not split over {groups} data-parallel groups; "
+            f"set train.batch_size to a multiple of {groups} (it is the global batch per micro-step)."
         )
     if state is not None:
-        saved_world, saved_data = int(state.get("world_size", 1)), state.get("parallel_data", "none")
-        if (saved_world, saved_data) != (world, env.data):
+        saved = (int(state.get("world_size", 1)), state.get("parallel_data", "none"), int(state.get("parallel_sequence", 1)))
+        if saved != (world, env.data, seq):
             raise CheckpointError(
-                f"cannot resume {ckpt}: it was written by {saved_world} process(es) with parallel.data={saved_data} "
-                f"and this run has {world} with parallel.data={env.data}; resume with the same launch."
+                f"cannot resume {ckpt}: it was written by {saved[0]} process(es) with parallel.data={saved[1]}, "
+                f"sequence={saved[2]} and this run has {world} with parallel.data={env.data}, sequence={seq}; "
+                "resume with the same launch."
             )
     _prepare_out_dir(out, resume, overwrite, write=env.main)
     zdist.barrier()
@@ -320,6 +351,12 @@ def _train(run: Any, out: Path, env: zdist.DistEnv, ckpt: Path | None, state: di
     torch.manual_seed(tc.seed)
 
     train_set, eval_set = build_task(task)
+    seq_len = int(train_set.input_ids.shape[1])
+    if seq > 1 and seq_len % seq:
+        raise ValueError(
+            f"the task's sequences have {seq_len} tokens, which do not split into train.parallel.sequence={seq} equal "
+            f"slices; set task.seq_len to a multiple of {seq}."
+        )
     tokenizer = load_tokenizer(task.tokenizer) if task.name == "text" else None
     check_vocab(run.model.vocab_size, train_set, task)
 
@@ -336,8 +373,8 @@ def _train(run: Any, out: Path, env: zdist.DistEnv, ckpt: Path | None, state: di
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
     sampler = EpochSampler(len(train_set), tc.batch_size, tc.seed)
-    micro = tc.batch_size // world
-    lo, hi = env.rank * micro, (env.rank + 1) * micro
+    micro = tc.batch_size // groups
+    lo, hi = env.data_rank * micro, (env.data_rank + 1) * micro  # the ranks of a sequence group share the rows
     history: list[dict] = []
     window = _Window()
     step = 0
@@ -355,6 +392,8 @@ def _train(run: Any, out: Path, env: zdist.DistEnv, ckpt: Path | None, state: di
     run_dict = run.to_dict()
     eval_bs = tc.eval_batch_size or tc.batch_size
     eval_forward = wrapped if env.data == "fsdp" else None  # FSDP2: every rank runs the sharded forward
+    if seq > 1:  # sequence parallel: each rank evaluates its slice of every sequence
+        eval_forward = sequence_parallel_eval_step(eval_forward or step_module, lambda n: zdist.sequence_shard(env, n))
     last_eval = next((r for r in reversed(history) if "eval/accuracy" in r), None)
     last_ckpt = ckpt
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)
@@ -369,18 +408,23 @@ def _train(run: Any, out: Path, env: zdist.DistEnv, ckpt: Path | None, state: di
                 for k in range(tc.grad_accum):
                     idx = sampler.next()  # the global micro-batch: the same on every rank
                     x, y = train_set.batch(idx[lo:hi])  # this rank's share of it
+                    n_global = int((shifted_targets(train_set.labels[idx]) != IGNORE_INDEX).sum()) if world > 1 else 0
+                    shard = zdist.sequence_shard(env, x.shape[1])
+                    if shard is not None:  # and of each sequence, this rank's slice
+                        x, y = shard.take(x), shard.take(y)
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    with zdist.no_sync(wrapped, env, skip=k < tc.grad_accum - 1):
+                    # the backward too runs under the shard: recomputed (checkpointed) blocks exchange states again
+                    with zdist.no_sync(wrapped, env, skip=k < tc.grad_accum - 1), sequence.sequence_parallel(shard):
                         with autocast_for(device, tc.precision):
                             loss, aux, preds, tgt, _ = wrapped(x, y)
                             if world > 1:
                                 # token mean over the global micro-batch: this rank's sum / the global count,
                                 # times the world size that DDP / FSDP2 divide the summed gradients by
-                                n_global = int((shifted_targets(train_set.labels[idx]) != IGNORE_INDEX).sum())
                                 obj = loss * (tgt.numel() * world / n_global)
                             else:
                                 obj = loss
-                            total = obj if aux is None else obj + aux
+                            # a sequence group's auxiliary loss is one value whose gradient shares its ranks hold
+                            total = obj if aux is None else obj + aux * seq
                         (total / tc.grad_accum).backward()
                     if world > 1:  # the metrics of the global micro-batch: sums over the ranks
                         zero = torch.zeros((), dtype=torch.float64, device=device)
@@ -439,6 +483,7 @@ def _train(run: Any, out: Path, env: zdist.DistEnv, ckpt: Path | None, state: di
                             "history": history,
                             "world_size": world,
                             "parallel_data": env.data,
+                            "parallel_sequence": seq,
                         }
                         model_sd = None if full_sd is None else {
                             k.removeprefix("model."): v for k, v in full_sd.items()}

@@ -21,7 +21,7 @@ import torch
 import zoo
 from zoo.train import CheckpointError, read_jsonl, train
 
-STEPS = 6
+STEPS = 20
 
 
 def _cfg(pattern: list[str], mixers: dict, mlp: str = "none") -> dict:
@@ -29,8 +29,8 @@ def _cfg(pattern: list[str], mixers: dict, mlp: str = "none") -> dict:
         "model": {"vocab_size": 32, "d_model": 32, "n_layers": 2, "pattern": pattern, "mixers": mixers, "mlp": mlp,
                   "tie_word_embeddings": False},
         # grad_accum 2 exercises no_sync; grad_clip 0.5 is below the norms seen, so the global norm matters
-        "train": {"steps": STEPS, "batch_size": 4, "grad_accum": 2, "lr": 3.0e-3, "warmup_steps": 2, "eval_every": 3,
-                  "log_every": 1, "save_every": 3, "keep_checkpoints": 0, "progress": False, "device": "cpu",
+        "train": {"steps": STEPS, "batch_size": 4, "grad_accum": 2, "lr": 3.0e-3, "warmup_steps": 2, "eval_every": 10,
+                  "log_every": 1, "save_every": 10, "keep_checkpoints": 0, "progress": False, "device": "cpu",
                   "grad_clip": 0.5, "num_threads": 1},
         "task": {"name": "mqar", "seq_len": 16, "vocab_size": 32, "num_kv_pairs": 2, "num_train": 64, "num_test": 8},
     }
@@ -106,8 +106,8 @@ def runs(tmp_path_factory):
         for mode in MODES:
             jobs.append({"config": _with(cfg, data=mode), "out": str(tmp / f"{name}-{mode}"), "port": _free_port(),
                          "kw": {}})
-    # FSDP2 resume: stop after the step-3 checkpoint, then continue with the same world size
-    for kw in ({"stop_after": 3}, {"resume": True}):
+    # FSDP2 resume: stop after the step-10 checkpoint, then continue with the same world size
+    for kw in ({"stop_after": 10}, {"resume": True}):
         jobs.append({"config": _with(MODELS["samba"], data="fsdp"), "out": str(tmp / "samba-fsdp-resumed"),
                      "port": _free_port(), "kw": kw})
     _launch(jobs, tmp)
@@ -137,14 +137,17 @@ def test_two_processes_match_one(runs, name, mode):
             elif key in ("step", "tokens"):
                 assert a[key] == b[key]
             else:
-                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a["step"])
+                # the loss curve to 1e-5; the gradient norm (a sum of squares over every parameter, reduced in a
+                # different order by DDP / FSDP2) drifts a little more over 20 Adam steps
+                rel = 1e-4 if key == "grad_norm" else 1e-5
+                assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-6), (key, a["step"])
     assert two[-2]["tokens"] == STEPS * 2 * 4 * 16  # global tokens seen (the last row is the eval)
     w1, w2 = _weights(runs / f"{name}-single" / "final"), _weights(runs / f"{name}-{mode}" / "final")
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=k)
     assert (runs / f"{name}-{mode}" / "final" / "config.json").is_file()
-    assert (runs / f"{name}-{mode}" / "checkpoint-3" / "config.json").is_file()
+    assert (runs / f"{name}-{mode}" / "checkpoint-10" / "config.json").is_file()
     assert not list(runs.glob(f"{name}-{mode}/.*tmp*"))  # no half-written checkpoint left by another rank
 
 
@@ -197,7 +200,7 @@ def ft_load(path):
 def test_single_process_resume_keeps_no_weight_decay(runs, tmp_path):
     """A resumed mamba run (rebuilt by from_pretrained) must not start decaying A_log: bitwise the straight run."""
     cfg = MODELS["mamba"]
-    train(zoo.load_config(copy.deepcopy(cfg)), tmp_path / "r", stop_after=3)
+    train(zoo.load_config(copy.deepcopy(cfg)), tmp_path / "r", stop_after=10)
     train(zoo.load_config(copy.deepcopy(cfg)), tmp_path / "r", resume=True)
     w_full, w_res = _weights(runs / "mamba-single" / "final"), _weights(tmp_path / "r" / "final")
     for k in w_full:

@@ -205,3 +205,27 @@ def test_single_process_resume_keeps_no_weight_decay(runs, tmp_path):
     w_full, w_res = _weights(runs / "mamba-single" / "final"), _weights(tmp_path / "r" / "final")
     for k in w_full:
         assert torch.equal(w_res[k], w_full[k]), k
+
+
+def test_accelerate_launch_runs_data_parallel(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (torchrun underneath; gloo on CPU) is a 2-process DDP run."""
+    import shutil
+
+    exe = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    if exe is None:
+        pytest.skip("accelerate is not installed")
+    import yaml
+
+    cfg = copy.deepcopy(MODELS["mamba"])
+    cfg["train"].update(steps=4, eval_every=0, save_every=0, grad_accum=1)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [exe, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_ip",
+           "127.0.0.1", "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "zoo.cli", "train", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "acc")]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(zoo.load_config(cfg), tmp_path / "one")
+    many, one = _rows(tmp_path / "acc" / "metrics.jsonl"), _rows(tmp_path / "one" / "metrics.jsonl")
+    assert [r["world_size"] for r in read_jsonl(tmp_path / "acc" / "metrics.jsonl")] == [2] * len(one)
+    for a, b in zip(one, many):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5), a["step"]

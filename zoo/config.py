@@ -83,6 +83,14 @@ def resolve_path(name: str | Path) -> Path:
     raise ConfigError(f"config file {str(name)!r} not found; pass an existing YAML path or a packaged config name ({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml')))}).")
 
 
+def task_path(name: str | Path) -> str:
+    """A task YAML path; a bare name like ``mqar`` means the packaged ``configs/tasks/mqar.yaml``."""
+    if os.path.exists(name):
+        return str(name)
+    cand = CONFIG_DIR / "tasks" / f"{name}.yaml"
+    return str(cand) if cand.is_file() else str(name)
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read one YAML mapping with clear errors for a missing file or bad syntax."""
     p = resolve_path(path)

@@ -21,6 +21,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from zoo.loading import is_checkpoint
+from zoo.loading import load_model as load_finetuned  # a fine-tuned model (full checkpoint or LoRA adapter) from its folder
+
 IGNORE_INDEX = -100
 TASKS = ("causal_lm", "classification")
 
@@ -230,11 +233,6 @@ def build_label_map(labels: list) -> dict:
 
 # ----- model, tokenizer, LoRA --------------------------------------------------------------------------
 
-def is_checkpoint(path: str | Path) -> bool:
-    """True for a folder holding a saved model (``config.json``)."""
-    return (Path(path) / "config.json").is_file()
-
-
 def load_tokenizer_for(model_path: str, tokenizer: str | None):
     """:func:`zoo.data.tokenizer.checkpoint_tokenizer`, its errors naming ``--tokenizer``."""
     from zoo.data.tokenizer import checkpoint_tokenizer
@@ -327,43 +325,6 @@ def apply_lora(model: nn.Module, cfg: FinetuneConfig):
         task_type=task_type, modules_to_save=["score"] if cfg.task == "classification" else None,
     )
     return get_peft_model(model, lcfg)
-
-
-def load_finetuned(path: str | Path, *, merge: bool = True):
-    """A fine-tuned model from ``path``: a full checkpoint, or a LoRA adapter folder (merged into its base)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    import zoo  # noqa: F401
-
-    p = Path(path)
-    if (p / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        meta = json.loads((p / "adapter_config.json").read_text())
-        base_path = meta.get("base_model_name_or_path")
-        if not base_path or not is_checkpoint(base_path):
-            raise FinetuneError(
-                f"{p}: the adapter's base model {base_path!r} is not a local checkpoint; fix base_model_name_or_path "
-                "in adapter_config.json."
-            )
-        seq_cls = meta.get("task_type") == "SEQ_CLS"
-        if seq_cls:
-            found = [f for f in (p / "finetune_config.json", p.parent / "finetune_config.json") if f.is_file()]
-            info = json.loads(found[0].read_text()) if found else {}
-            id2label = {int(k): v for k, v in (info.get("id2label") or {}).items()} or None
-            base = AutoModelForSequenceClassification.from_pretrained(
-                base_path, num_labels=len(id2label or {0: 0, 1: 1}), id2label=id2label, ignore_mismatched_sizes=True
-            )
-        else:
-            base = AutoModelForCausalLM.from_pretrained(base_path)
-        model = PeftModel.from_pretrained(base, str(p))
-        return model.merge_and_unload() if merge else model
-    if not is_checkpoint(p):
-        raise FinetuneError(f"{p} holds neither config.json nor adapter_config.json; pass a folder written by finetune.")
-    cfg = json.loads((p / "config.json").read_text())
-    archs = cfg.get("architectures") or []
-    cls = AutoModelForSequenceClassification if "ZooForSequenceClassification" in archs else AutoModelForCausalLM
-    return cls.from_pretrained(str(p))
 
 
 # ----- the run ---------------------------------------------------------------------------------------

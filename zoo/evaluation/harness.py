@@ -35,27 +35,14 @@ def require_lm_eval() -> None:
 
 
 def load_for_eval(checkpoint: str | Path, tokenizer: str | None = None, *, device: str | None = None):
-    """``(model, tokenizer)`` from a checkpoint folder (zoo train / finetune output, a LoRA adapter, or its run dir)."""
-    from zoo.data.tokenizer import checkpoint_tokenizer
-    from zoo.finetune import FinetuneError, is_checkpoint, load_finetuned
+    """``(model, tokenizer)`` of a causal LM (:func:`zoo.loading.load_model_and_tokenizer`: a checkpoint, a LoRA
+    adapter or a run directory), on ``device`` (default: cuda when available) in eval mode."""
+    from zoo.loading import load_model_and_tokenizer
 
-    p = Path(checkpoint)
-    if not p.exists():
-        raise EvalError(f"checkpoint {str(p)!r} does not exist; pass a folder written by zoo train or zoo finetune.")
-    if not (is_checkpoint(p) or (p / "adapter_config.json").is_file()):
-        from zoo.train.checkpoint import latest_checkpoint
-
-        found = (p / "final") if is_checkpoint(p / "final") else latest_checkpoint(p)
-        if found is None:
-            raise EvalError(f"{str(p)!r} holds no model (config.json) nor checkpoint folders; pass a checkpoint folder.")
-        p = Path(found)
     try:
-        model = load_finetuned(p)
-        tok = checkpoint_tokenizer(p, tokenizer)
-    except (FinetuneError, OSError, ValueError) as e:
-        raise EvalError(str(e).replace("task.tokenizer", "--tokenizer")) from None
-    if not hasattr(model, "lm_head"):
-        raise EvalError(f"{str(p)!r} is a {type(model).__name__}; lm-eval and perplexity need a causal-LM checkpoint.")
+        model, tok = load_model_and_tokenizer(checkpoint, tokenizer, causal_lm=True)
+    except (OSError, ValueError) as e:
+        raise EvalError(str(e)) from None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return model.to(dev).eval(), tok
 

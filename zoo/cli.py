@@ -32,12 +32,12 @@ class Command:
 
 COMMANDS: dict[str, Command] = {}
 
-#: Subcommands whose flags live in their own module, imported only when that command runs:
-#: name -> (module, function adding the arguments to a parser, function running the parsed args, help line).
+#: Subcommands whose flags live in their own module, imported only when that command runs: name -> (module,
+#: function returning a parser of the command's flags (used as a parent), function running the parsed args, help line).
 EXTERNAL: dict[str, tuple[str, str, str, str]] = {
-    "finetune": ("zoo.finetune", "add_finetune_arguments", "run_finetune",
+    "finetune": ("zoo.finetune", "finetune_argument_parser", "run_finetune",
                  "fine-tune a zoo model with transformers' Trainer (optionally LoRA)"),
-    "sweep": ("zoo.sweep", "add_sweep_arguments", "run_sweep", "run the MQAR recall sweep (CSV + plots)"),
+    "sweep": ("zoo.sweep", "sweep_argument_parser", "run_sweep", "run the MQAR recall sweep (CSV + plots)"),
 }
 
 
@@ -317,14 +317,15 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
             p.add_argument(*flags, **kwargs)
         if cmd.name == "eval" and selected == "eval":
             _add_lm_eval_arguments(p)
-    for name, (module, add, run, help) in EXTERNAL.items():
+    for name, (module, flags, run, help) in EXTERNAL.items():
         if name in COMMANDS:
             continue
-        p = sub.add_parser(name, help=help, description=help)
-        if name == selected:
-            mod = importlib.import_module(module)
-            getattr(mod, add)(p)
-            p.set_defaults(_external=getattr(mod, run))
+        if name != selected:
+            sub.add_parser(name, help=help, description=help)
+            continue
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help, description=help, parents=[getattr(mod, flags)()])
+        p.set_defaults(_external=getattr(mod, run))
     return parser
 
 

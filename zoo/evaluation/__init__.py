@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from zoo.evaluation.harness import HAVE_LM_EVAL, EvalError, ZooLM, load_for_eval, run_lm_eval, write_json
+from zoo.evaluation.harness import HAVE_LM_EVAL, EvalError, load_for_eval, run_lm_eval, write_json
 from zoo.evaluation.perplexity import perplexity
 from zoo.evaluation.task import evaluate_checkpoint, passkey_checkpoint
 
@@ -69,6 +69,15 @@ def run_lm_eval_args(args: argparse.Namespace) -> int:
 
 
 run_eval = run_lm_eval_args
+
+
+def __getattr__(name: str):
+    if name == "ZooLM":  # lm-eval loads only when the adapter is used (zoo.evaluation.harness)
+        from zoo.evaluation import harness
+
+        return harness.ZooLM
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "HAVE_LM_EVAL", "EvalError", "ZooLM", "add_eval_parser", "add_lm_eval_arguments", "evaluate_checkpoint",

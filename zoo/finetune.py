@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from zoo.loading import is_checkpoint
-from zoo.loading import load_model as load_finetuned  # a fine-tuned model (full checkpoint or LoRA adapter) from its folder
 
 IGNORE_INDEX = -100
 TASKS = ("causal_lm", "classification")
@@ -357,6 +356,14 @@ def apply_lora(model: nn.Module, cfg: FinetuneConfig):
         task_type=task_type, modules_to_save=["score"] if cfg.task == "classification" else None,
     )
     return get_peft_model(model, lcfg)
+
+
+def load_finetuned(path: str | Path, *, merge: bool = True):
+    """A fine-tuned model from ``path``: a full checkpoint, or a LoRA adapter folder (merged into its base when
+    ``merge``); :func:`zoo.loading.load_model`."""
+    from zoo.loading import load_model
+
+    return load_model(path, merge=merge)
 
 
 # ----- the run ---------------------------------------------------------------------------------------

@@ -265,13 +265,13 @@ def build_label_map(labels: list) -> dict:
 # ----- model, tokenizer, LoRA --------------------------------------------------------------------------
 
 def load_tokenizer_for(model_path: str, tokenizer: str | None):
-    """:func:`zoo.data.tokenizer.checkpoint_tokenizer`, its errors naming ``--tokenizer``."""
-    from zoo.data.tokenizer import checkpoint_tokenizer
+    """:func:`zoo.loading.load_tokenizer` (the checkpoint's own, else bytes), its errors as FinetuneError."""
+    from zoo.loading import LoadError, load_tokenizer
 
     try:
-        return checkpoint_tokenizer(model_path, tokenizer)
-    except (OSError, ValueError) as e:
-        raise FinetuneError(str(e).replace("task.tokenizer", "--tokenizer")) from None
+        return load_tokenizer(model_path, tokenizer)
+    except LoadError as e:
+        raise FinetuneError(str(e)) from None
 
 
 def load_model(model_path: str, task: str, *, num_labels: int | None = None, id2label: dict | None = None):

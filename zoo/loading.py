@@ -55,15 +55,19 @@ def load_model_and_tokenizer(path: str | Path, tokenizer: str | None = None, *, 
                              causal_lm: bool = False):
     """``(model, tokenizer)`` from a directory: the model as :func:`load_model` finds it, the tokenizer ``tokenizer``
     ("byte" or a folder) when given, else the one saved beside the checkpoint, else the byte tokenizer."""
+    p = find_checkpoint(path)
+    return load_model(p, merge=merge, causal_lm=causal_lm), load_tokenizer(p, tokenizer)
+
+
+def load_tokenizer(path: str | Path, tokenizer: str | None = None):
+    """The tokenizer for the model in ``path``: ``tokenizer`` ("byte" or a folder) when given, else the one saved
+    beside the checkpoint, else the byte tokenizer; a bad one fails with a LoadError naming ``--tokenizer``."""
     from zoo.data.tokenizer import checkpoint_tokenizer
 
-    p = find_checkpoint(path)
-    model = load_model(p, merge=merge, causal_lm=causal_lm)
     try:
-        tok = checkpoint_tokenizer(p, tokenizer)
+        return checkpoint_tokenizer(path, tokenizer)
     except (OSError, ValueError) as e:
         raise LoadError(str(e).replace("task.tokenizer", "--tokenizer")) from None
-    return model, tok
 
 
 def _head_class(p: Path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -50,6 +51,9 @@ def _option(default: Any = dataclasses.MISSING, help: str = "", *, trainer: str 
         name = TRAINING_ARGUMENTS[trainer]
         own = next(f for f in dataclasses.fields(TrainingArguments) if f.name == name).metadata.get("help", "")
         help = " ".join(f"{own} {help}".split()) + f" (TrainingArguments.{name})"
+        if name != trainer:  # the TrainingArguments flag works too
+            aliases = list(dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"]))
+            return field(default=default, metadata={"help": help.replace("%", "%%"), "aliases": aliases})
     return field(default=default, metadata={"help": help.replace("%", "%%")})  # argparse formats help with %
 
 
@@ -434,6 +438,25 @@ def _atomic_save(model, tokenizer, cfg: FinetuneConfig, dest: Path, extra: dict)
     atomic_directory(dest, write)
 
 
+def _run_arguments(cfg: FinetuneConfig, *, has_eval: bool, bf16: bool) -> dict[str, Any]:
+    """The TrainingArguments a run sets from its FinetuneConfig (``cfg.extra`` may add others, not these)."""
+    return {
+        "output_dir": cfg.out,
+        **{name: getattr(cfg, key) for key, name in TRAINING_ARGUMENTS.items()},
+        "per_device_eval_batch_size": cfg.batch_size,
+        "bf16": bf16,
+        "save_strategy": "steps" if cfg.save_steps > 0 else "no",
+        "save_steps": cfg.save_steps if cfg.save_steps > 0 else 500,
+        "eval_strategy": "steps" if has_eval and cfg.eval_steps > 0 else "no",
+        "eval_steps": cfg.eval_steps if cfg.eval_steps > 0 else None,
+        "report_to": "none",
+        "disable_tqdm": not cfg.progress,
+        "remove_unused_columns": False,
+        "use_cpu": not torch.cuda.is_available(),
+        "dataloader_num_workers": 0,
+    }
+
+
 def finetune(cfg: FinetuneConfig | None = None, **kwargs) -> dict:
     """Run one fine-tuning job; returns ``{"final": path, "train_loss": ..., "eval_loss": ... (when evaluated)}``.
 
@@ -467,22 +490,12 @@ def finetune(cfg: FinetuneConfig | None = None, **kwargs) -> dict:
     collator = PackedCollator() if cfg.pack else PaddedCollator(pad_id, classification=cfg.task == "classification")
     out = Path(cfg.out)
     bf16 = _precision(cfg)
-    args = TrainingArguments(
-        output_dir=str(out),
-        **{name: getattr(cfg, key) for key, name in TRAINING_ARGUMENTS.items()},
-        per_device_eval_batch_size=cfg.batch_size,
-        bf16=bf16,
-        save_strategy="steps" if cfg.save_steps > 0 else "no",
-        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
-        eval_strategy="steps" if evalset is not None and cfg.eval_steps > 0 else "no",
-        eval_steps=cfg.eval_steps if cfg.eval_steps > 0 else None,
-        report_to="none",
-        disable_tqdm=not cfg.progress,
-        remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        **cfg.extra,
-    )
+    fixed = _run_arguments(cfg, has_eval=evalset is not None, bf16=bf16)
+    clash = sorted(set(fixed) & set(cfg.extra))
+    if clash:
+        raise FinetuneError(f"extra: {', '.join(clash)} are set by zoo finetune from its own options; set those options "
+                            "instead (see zoo finetune --help).")
+    args = TrainingArguments(**fixed, **cfg.extra)
     trainer = Trainer(model=model, args=args, data_collator=collator, train_dataset=train, eval_dataset=evalset)
     trainer.model_accepts_loss_kwargs = False  # the zoo models average their own loss; Trainer scales for accumulation
     resume = None
@@ -515,13 +528,49 @@ MODEL_HELP = "zoo checkpoint folder (or one made by `zoo convert`), or a config 
 
 
 def finetune_argument_parser() -> argparse.ArgumentParser:
-    """The flags of ``zoo finetune`` (MODEL, then one per :class:`FinetuneOptions` field, built by transformers'
-    ``HfArgumentParser``), as a parser to pass in ``parents=[...]``."""
+    """The flags of ``zoo finetune``, built by transformers' ``HfArgumentParser``, as a parser to pass in
+    ``parents=[...]``: MODEL, one flag per :class:`FinetuneOptions` field (a training hyperparameter also answers to
+    its TrainingArguments name, e.g. ``--learning-rate`` for ``--lr``), then every other ``TrainingArguments`` field
+    (``--optim``, ``--lr-scheduler-kwargs``, ...), passed through to the Trainer as ``FinetuneConfig.extra``."""
     from transformers import HfArgumentParser
 
-    p = HfArgumentParser(FinetuneOptions, add_help=False)
+    p = HfArgumentParser([FinetuneOptions, further_training_arguments()], add_help=False)
     p.add_argument("model", help=MODEL_HELP)
     return p
+
+
+@functools.cache
+def further_training_arguments() -> type:
+    """A dataclass of the ``TrainingArguments`` fields that zoo finetune does not set from its own options."""
+    import typing
+
+    from transformers import TrainingArguments
+
+    own = {f.name for f in dataclasses.fields(FinetuneOptions)} | set(TRAINING_ARGUMENTS.values())
+    own |= set(_run_arguments(FinetuneConfig(model="", data="", out=""), has_eval=False, bf16=False))
+    hints = typing.get_type_hints(TrainingArguments)
+    fields = []
+    for f in dataclasses.fields(TrainingArguments):
+        if f.init and f.name not in own and not f.name.startswith("_"):
+            default = ({"default_factory": f.default_factory} if f.default is dataclasses.MISSING
+                       else {"default": f.default})
+            fields.append((f.name, hints[f.name], field(metadata=f.metadata, **default)))
+    cls = dataclasses.make_dataclass("FurtherTrainingArguments", fields)
+    cls._argument_group_name = "further TrainingArguments (passed to the Trainer)"
+    return cls
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """The :class:`FinetuneConfig` of parsed ``zoo finetune`` arguments; further TrainingArguments given on the
+    command line (those that differ from their default) go to ``extra``."""
+    from transformers import HfArgumentParser
+
+    values = vars(args)
+    # the defaults as the parser gives them (it turns some, e.g. debug="" into None)
+    defaults = vars(HfArgumentParser(further_training_arguments()).parse_known_args([])[0])
+    extra = {k: values[k] for k, v in defaults.items() if k in values and values[k] != v}
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"extra"}
+    return FinetuneConfig(**{k: v for k, v in values.items() if k in names}, extra=extra)
 
 
 def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
@@ -533,10 +582,8 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_finetune(args: argparse.Namespace) -> int:
     """Entry point of ``zoo finetune``: run the job, print where the model is and how to load it."""
-    names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in names})
     try:
-        metrics = finetune(cfg)
+        metrics = finetune(config_from_args(args))
     except FinetuneError as e:
         print(f"error: {e}")
         return 2

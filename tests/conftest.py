@@ -88,3 +88,18 @@ def assert_packed_equals_separate(model, docs, *, rtol=1e-3, atol=1e-4) -> None:
         out = model(torch.cat(docs, 1), cu_seqlens=cu).logits
         for d, a, b in zip(docs, cu[:-1].tolist(), cu[1:].tolist()):
             torch.testing.assert_close(out[:, a:b], model(d).logits, rtol=rtol, atol=atol)
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as module ``name`` (once: dataclasses look their module up in sys.modules)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

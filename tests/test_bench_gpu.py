@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 pytest.importorskip("triton")
 
@@ -16,12 +15,7 @@ SCRIPT = ROOT / "scripts" / "bench_gpu.py"
 
 
 def _load_script():
-    if "bench_gpu" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_gpu"] = module  # dataclasses look their module up
-        spec.loader.exec_module(module)
-    return sys.modules["bench_gpu"]
+    return load_script("bench_gpu")
 
 
 def _table_rows(text: str) -> list[list[str]]:

@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "bench_long_context.py"
 
 
 def _load_script():
-    if "bench_long_context" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_long_context", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_long_context"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["bench_long_context"]
+    return load_script("bench_long_context")
 
 
 def _digest(path: Path):

@@ -187,10 +187,10 @@ def test_zoo_train_on_text_then_generate_with_its_tokenizer(tmp_path, capsys):
 
 
 def test_task_names_resolve_to_configs_tasks():
-    from zoo.cli import _task_path
+    from zoo.config import task_path
 
-    assert _task_path("mqar").endswith("configs/tasks/mqar.yaml")
-    assert _task_path("no/such.yaml") == "no/such.yaml"
+    assert task_path("mqar").endswith("configs/tasks/mqar.yaml")
+    assert task_path("no/such.yaml") == "no/such.yaml"
 
 
 def test_help_lists_every_command(capsys):

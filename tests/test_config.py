@@ -91,3 +91,36 @@ def test_model_keys_are_read_from_zooconfig():
     with pytest.raises(zoo.ConfigError, match="model.pooling"):
         zoo.load_config({"model": {"d_model": 32, "pooling": "max", "pattern": ["attention"],
                                    "mixers": {"attention": {"n_heads": 4}}}})
+
+
+def test_each_layer_is_built_once_to_check_and_once_for_real(monkeypatch):
+    """One meta-device build validates the config (shapes and size); build_model then builds the model once."""
+    import zoo.models.modeling as modeling
+    import zoo.registry as registry
+
+    calls = []
+    real = registry.build_mixer
+
+    def counting(name, *args, **kwargs):
+        calls.append(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(registry, "build_mixer", counting)
+    monkeypatch.setattr(modeling, "build_mixer", counting)
+    run = load_config({"model": {"d_model": 32, "n_layers": 3, "pattern": ["attention"],
+                                 "mixers": {"attention": {"n_heads": 4}}}})
+    assert len(calls) == 3
+    zoo.build_model(run)
+    assert len(calls) == 6
+
+
+def test_layer_kwargs_are_normalised_once_and_type_checked():
+    cfg = validate_model({"d_model": 32, "layers": ["attention", {"mixer": "attention", "n_heads": 2, "mlp": "gelu"}],
+                          "mixers": {"attention": {"n_heads": 4}}})
+    assert [s["kwargs"]["n_heads"] for s in cfg.layers] == [4, 2] and [s["mlp"] for s in cfg.layers] == ["swiglu", "gelu"]
+    with pytest.raises(ConfigError, match=r"model\.layers\[1\]\.mlp: 'gelo' is not an MLP kind"):
+        validate_model({"d_model": 32, "layers": ["attention", {"mixer": "attention", "mlp": "gelo"}]})
+    with pytest.raises(ConfigError, match=r"model\.layers\[1\]\.n_heads: expected int"):
+        validate_model({"d_model": 32, "layers": ["attention", {"mixer": "attention", "n_heads": "four"}]})
+    with pytest.raises(ConfigError, match=r"model\.layers\[1\]: each layer needs a 'mixer' name"):
+        validate_model({"d_model": 32, "layers": ["attention", 7]})

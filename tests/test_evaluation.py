@@ -77,6 +77,23 @@ def test_train_run_folder_resolves_to_its_final_checkpoint(tmp_path):
     assert isinstance(model, zoo.ZooForCausalLM) and isinstance(tok, ByteTokenizer)
 
 
+def test_lm_eval_is_imported_only_when_the_adapter_is_used(monkeypatch):
+    import subprocess
+    import sys
+
+    code = "import sys, zoo.evaluation; print('lm_eval' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    from zoo.evaluation import harness
+
+    monkeypatch.setattr(harness, "HAVE_LM_EVAL", False)
+    harness._zoo_lm_class.cache_clear()
+    try:
+        with pytest.raises(EvalError, match=r"lm-eval is not installed; install the eval extra"):
+            harness.ZooLM(None, None)
+    finally:
+        harness._zoo_lm_class.cache_clear()
+
+
 lm_eval = pytest.importorskip("lm_eval", reason="the lm-eval adapter needs the [eval] extra (pip install 'seq-zoo[eval]')")
 
 

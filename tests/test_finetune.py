@@ -155,6 +155,23 @@ def test_cli_parser_maps_flags_to_the_config(tmp_path):
     assert args.pack and args.lora and args.lora_targets == ["in_proj", "out_proj"] and args.lr == 1e-3
 
 
+def test_training_arguments_flags_come_through_hf_argument_parser(tmp_path):
+    """Every TrainingArguments field is a flag: ours under their zoo name or their own, the others pass through."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    ft.add_finetune_parser(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["finetune", "ckpt", "--data", "d.jsonl", "--out", "o", "--learning-rate", "2e-3",
+                              "--optim", "adafactor", "--adam-beta2", "0.95"])
+    cfg = ft.config_from_args(args)
+    assert cfg.lr == 2e-3 and cfg.extra == {"optim": "adafactor", "adam_beta2": 0.95}
+    assert ft.config_from_args(parser.parse_args(["finetune", "ckpt", "--data", "d", "--out", "o"])).extra == {}
+    base = save_base(tmp_path / "base", ["attention"])
+    data = write_data(tmp_path / "d.jsonl", n=4)
+    with pytest.raises(ft.FinetuneError, match="extra: learning_rate are set by zoo finetune"):
+        ft.finetune(model=base, data=data, out=str(tmp_path / "out"), extra={"learning_rate": 1.0}, **FAST)
+
+
 # ----- bad inputs: one clear sentence each ------------------------------------------------------------
 
 def test_missing_text_column_names_the_columns(tmp_path):

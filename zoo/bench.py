@@ -24,8 +24,11 @@ import torch
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 
 
-def bench_parser(doc: str | None, *, device: str = "cpu", threads: int | None = 1, repeats: int = 3) -> argparse.ArgumentParser:
-    """An argument parser with the options every benchmark shares: --repeats, --device, --threads, --record."""
+def bench_parser(doc: str | None, *, device: str = "cpu", threads: int | None = 1, repeats: int = 3,
+                 **sizes: int | float | str | list) -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark shares (--repeats, --device, --threads, --record) and one
+    option per keyword in ``sizes``: ``head_dim=64`` is ``--head-dim`` (an int, default 64); a list default takes
+    one or more values of its elements' type."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=repeats, help="timed repeats (the median is reported)")
     ap.add_argument("--device", default=device, help="cpu or cuda")
@@ -34,6 +37,10 @@ def bench_parser(doc: str | None, *, device: str = "cpu", threads: int | None = 
                         help="torch CPU threads (1 avoids oversubscribing a shared CPU)")
     ap.add_argument("--record", type=Path, default=None, metavar="FILE",
                     help="append the table with date, device, versions and command to FILE (default: print only)")
+    for name, default in sizes.items():
+        many = isinstance(default, list)
+        kind = type(default[0] if many and default else default)
+        ap.add_argument("--" + name.replace("_", "-"), type=kind, default=default, **({"nargs": "+"} if many else {}))
     return ap
 
 
@@ -73,6 +80,12 @@ def median_time(fn: Callable[[], object], *, repeats: int = 3, warmup: int = 1, 
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def speedups(runs: dict[str, Callable[[], object]], *, baseline: str, repeats: int, device=None) -> list[list]:
+    """``[name, median ms, speed-up vs baseline]`` for each of ``runs`` (timed after one warm-up run each)."""
+    times = {name: median_time(fn, repeats=repeats, warmup=1, device=device) for name, fn in runs.items()}
+    return [[name, t * 1e3, times[baseline] / t] for name, t in times.items()]
 
 
 def device_description(device: torch.device | str = "cpu") -> str:
@@ -116,9 +129,15 @@ def command_line() -> str:
     return env + " ".join(shlex.quote(a) for a in argv)
 
 
-def record(title: str, header: list[str], rows: list[list], *, device="cpu", notes: str = "",
-           path: Path | str | None = None) -> str:
-    """Print the table with date, device, versions and the exact command; append that block to ``path`` if given."""
+def record(title: str, header: list[str], rows: list[list], *, device=None, notes: str = "",
+           path: Path | str | None = None, args: argparse.Namespace | None = None) -> str:
+    """Print the table with date, device, versions and the exact command; append that block to ``path`` if given.
+
+    ``args`` (a :func:`bench_parser` result) supplies what is not given: the device (``--device``) and the path
+    (``--record``).
+    """
+    device = device if device is not None else getattr(args, "device", "cpu")
+    path = path if path is not None else getattr(args, "record", None)
     table = markdown_table(header, rows)
     block = (
         f"\n## {title}\n\n"

@@ -32,12 +32,12 @@ class Command:
 
 COMMANDS: dict[str, Command] = {}
 
-#: Subcommands whose flags live in their own module, imported only when that command runs:
-#: name -> (module, function adding the arguments to a parser, function running the parsed args, help line).
+#: Subcommands whose flags live in their own module, imported only when that command runs: name -> (module,
+#: function returning a parser of the command's flags (used as a parent), function running the parsed args, help line).
 EXTERNAL: dict[str, tuple[str, str, str, str]] = {
-    "finetune": ("zoo.finetune", "add_finetune_arguments", "run_finetune",
+    "finetune": ("zoo.finetune", "finetune_argument_parser", "run_finetune",
                  "fine-tune a zoo model with transformers' Trainer (optionally LoRA)"),
-    "sweep": ("zoo.sweep", "add_sweep_arguments", "run_sweep", "run the MQAR recall sweep (CSV + plots)"),
+    "sweep": ("zoo.sweep", "sweep_argument_parser", "run_sweep", "run the MQAR recall sweep (CSV + plots)"),
 }
 
 
@@ -66,35 +66,6 @@ def _split_overrides(words: Sequence[str]) -> tuple[list[str], list[str]]:
     for w in words:
         (overrides if "=" in w and not os.path.exists(w) else paths).append(w)
     return paths, overrides
-
-
-def _task_path(name: str) -> str:
-    """A task YAML path; a bare name like ``mqar`` means ``configs/tasks/mqar.yaml``."""
-    from zoo.config import CONFIG_DIR
-
-    if os.path.exists(name):
-        return name
-    cand = CONFIG_DIR / "tasks" / f"{name}.yaml"
-    return str(cand) if cand.is_file() else name
-
-
-def _load_model(ckpt: Path):
-    """``ZooForCausalLM.from_pretrained(ckpt)``; damaged weight files become one sentence naming the file."""
-    import zoo
-    from zoo.train.checkpoint import quiet_hf_progress
-
-    try:
-        with quiet_hf_progress():
-            return zoo.ZooForCausalLM.from_pretrained(ckpt)
-    except Exception as e:  # safetensors raises its own SafetensorError (not a ValueError) for a damaged file
-        if type(e).__name__ != "SafetensorError" and "safetensors" not in str(e).lower():
-            raise
-        name = next((f.name for f in (ckpt / "model.safetensors", ckpt / "model.safetensors.index.json") if f.exists()),
-                    "model.safetensors")
-        raise UsageError(
-            f"{ckpt / name} is damaged or not a safetensors file ({_one_line(e)}); "
-            "re-save the checkpoint or pass another one."
-        ) from None
 
 
 # ----- zoo list --------------------------------------------------------------------------------------
@@ -133,13 +104,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train, then print the final accuracy, the checkpoint path and how to load it."""
     import zoo
+    from zoo.config import task_path
     from zoo.train import train
     from zoo.train.checkpoint import latest_checkpoint, load_run_config, resolve_checkpoint
     from zoo.train.distributed import is_main
 
     if not is_main():  # under torchrun / accelerate launch only rank 0 prints (errors still reach stderr)
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - kept open for the life of the process
-    sources: list[Any] = list(args.configs) + [_task_path(t) for t in args.task]
+    sources: list[Any] = list(args.configs) + [task_path(t) for t in args.task]
     if not args.configs:
         if not args.resume:
             raise UsageError("zoo train needs a CONFIG YAML (e.g. configs/attention.yaml), or --resume with --out.")
@@ -187,63 +159,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides=True,
 )
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Evaluate a checkpoint on its own task (from zoo_run.yaml) or on the task given.
+    """Evaluate a checkpoint on its own task (from zoo_run.yaml) or on the task given (``zoo.evaluation``).
 
-    With ``--tasks`` / ``--perplexity`` (zoo.evaluation) it runs lm-eval tasks or local-file perplexity instead.
+    With ``--tasks`` / ``--perplexity`` it runs lm-eval tasks or local-file perplexity instead.
     """
     if getattr(args, "tasks", None) or getattr(args, "perplexity", None):
         from zoo.evaluation import run_lm_eval_args
 
         return run_lm_eval_args(args)
     if args.passkey:
-        return _eval_passkey(args)
-    import zoo
-    from zoo.data import build_task
-    from zoo.train.checkpoint import load_run_config, resolve_checkpoint
-    from zoo.train.loop import check_vocab, evaluate, resolve_device
+        from zoo.evaluation import passkey_checkpoint
 
-    ckpt = resolve_checkpoint(args.checkpoint)
-    saved = load_run_config(ckpt) or {}
-    base = {k: v for k, v in saved.items() if k in ("train", "task")}
-    run = zoo.load_config([base, *[_task_path(t) for t in args.task]], args.overrides)
-    model = _load_model(ckpt)
-    _, eval_set = build_task(run.task)
-    check_vocab(model.config.vocab_size, eval_set, run.task)
-    device = resolve_device(run.train.device)
-    model.to(device)
-    res = evaluate(model, eval_set, batch_size=run.train.eval_batch_size or run.train.batch_size,
-                   max_batches=run.train.eval_batches, device=device, precision=run.train.precision)
-    res = {"checkpoint": str(ckpt), "task": run.task.name, **res}
+        try:
+            lengths = [int(x) for x in args.passkey.replace(",", " ").split()]
+        except ValueError:
+            raise UsageError(f"--passkey {args.passkey!r}: expected lengths such as 1024,4096,32768.") from None
+        for row in passkey_checkpoint(args.checkpoint, lengths, n_per_length=args.passkey_n,
+                                      prefill_chunk_size=args.prefill_chunk):
+            print(json.dumps(row) if args.json
+                  else f"passkey L={row['length']:>6}: accuracy {row['accuracy']:.2f} ({row['n']} prompts)")
+        return 0
+    from zoo.evaluation import evaluate_checkpoint
+
+    res = evaluate_checkpoint(args.checkpoint, args.task, args.overrides)
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"{ckpt}: task {res['task']}  eval loss {res['loss']:.4f}  accuracy {res['accuracy']:.4f}  "
+        print(f"{res['checkpoint']}: task {res['task']}  eval loss {res['loss']:.4f}  accuracy {res['accuracy']:.4f}  "
               f"({res['examples']} examples)")
-    return 0
-
-
-def _eval_passkey(args: argparse.Namespace) -> int:
-    """Passkey retrieval over prompt lengths (chunked prefill), one line per length."""
-    from zoo.data.passkey import evaluate_passkey
-    from zoo.data.tokenizer import checkpoint_tokenizer
-    from zoo.train.checkpoint import resolve_checkpoint
-    from zoo.train.loop import resolve_device
-
-    try:
-        lengths = [int(x) for x in args.passkey.replace(",", " ").split()]
-    except ValueError:
-        raise UsageError(f"--passkey {args.passkey!r}: expected lengths such as 1024,4096,32768.") from None
-    ckpt = resolve_checkpoint(args.checkpoint)
-    model = _load_model(ckpt).eval()
-    tok = checkpoint_tokenizer(ckpt)
-    if len(tok) > model.config.vocab_size:
-        raise UsageError(f"{ckpt} has vocab_size {model.config.vocab_size} < {len(tok)} tokens of its tokenizer; "
-                         "passkey retrieval needs a text model.")
-    model.to(resolve_device("auto"))
-    rows = evaluate_passkey(model, tok, lengths, n_per_length=args.passkey_n, prefill_chunk_size=args.prefill_chunk)
-    for row in rows:
-        print(json.dumps({"checkpoint": str(ckpt), "task": "passkey", **row}) if args.json
-              else f"passkey L={row['length']:>6}: accuracy {row['accuracy']:.2f} ({row['n']} prompts)")
     return 0
 
 
@@ -296,16 +239,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Generate a continuation and print it."""
     import torch
 
-    from zoo.data.tokenizer import checkpoint_tokenizer
-    from zoo.train.checkpoint import resolve_checkpoint
+    from zoo.loading import find_checkpoint, load_model, load_model_and_tokenizer
 
     if (args.prompt is None) == (args.ids is None):
         raise UsageError("zoo generate needs exactly one of --prompt TEXT or --ids '1 2 3'.")
-    ckpt = resolve_checkpoint(args.checkpoint)
-    model = _load_model(ckpt)
+    ckpt = find_checkpoint(args.checkpoint)
+    if args.ids is not None:
+        model, tok = load_model(ckpt, causal_lm=True), None
+    else:
+        model, tok = load_model_and_tokenizer(ckpt, args.tokenizer, causal_lm=True)
     model.eval()
     vocab = model.config.vocab_size
-    tok = None
     if args.ids is not None:
         try:
             ids = [int(t) for t in args.ids.replace(",", " ").split()]
@@ -314,7 +258,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not ids or max(ids) >= vocab or min(ids) < 0:
             raise UsageError(f"--ids must be non-empty token ids in [0, {vocab}) for {ckpt}.")
     else:
-        tok = checkpoint_tokenizer(ckpt, args.tokenizer)
         if len(tok) > vocab:
             who = f"tokenizer {args.tokenizer!r}" if args.tokenizer else "the checkpoint's tokenizer"
             raise UsageError(
@@ -374,14 +317,15 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
             p.add_argument(*flags, **kwargs)
         if cmd.name == "eval" and selected == "eval":
             _add_lm_eval_arguments(p)
-    for name, (module, add, run, help) in EXTERNAL.items():
+    for name, (module, flags, run, help) in EXTERNAL.items():
         if name in COMMANDS:
             continue
-        p = sub.add_parser(name, help=help, description=help)
-        if name == selected:
-            mod = importlib.import_module(module)
-            getattr(mod, add)(p)
-            p.set_defaults(_external=getattr(mod, run))
+        if name != selected:
+            sub.add_parser(name, help=help, description=help)
+            continue
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=help, description=help, parents=[getattr(mod, flags)()])
+        p.set_defaults(_external=getattr(mod, run))
     return parser
 
 

@@ -83,6 +83,14 @@ def resolve_path(name: str | Path) -> Path:
     raise ConfigError(f"config file {str(name)!r} not found; pass an existing YAML path or a packaged config name ({', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml')))}).")
 
 
+def task_path(name: str | Path) -> str:
+    """A task YAML path; a bare name like ``mqar`` means the packaged ``configs/tasks/mqar.yaml``."""
+    if os.path.exists(name):
+        return str(name)
+    cand = CONFIG_DIR / "tasks" / f"{name}.yaml"
+    return str(cand) if cand.is_file() else str(name)
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read one YAML mapping with clear errors for a missing file or bad syntax."""
     p = resolve_path(path)
@@ -258,20 +266,23 @@ def validate_mixer_kwargs(name: str, kwargs: dict, path: str) -> dict:
 
 
 def validate_model(data: dict | None, path: str = "model"):
-    """Validate the model section and return a :class:`zoo.models.ZooConfig`."""
-    import torch
+    """Validate the model section and return a :class:`zoo.models.ZooConfig`.
 
+    Types are checked against ``ZooConfig``'s fields, the layer list is normalised once (by ``ZooConfig``, see
+    :func:`zoo.models.configuration.resolve_layers`) and each resolved layer is checked against its mixer's
+    constructor; then :func:`check_model_size` builds the model once on the meta device, so an impossible shape
+    fails now, naming the layer.
+    """
     from zoo.models import ZooConfig
     from zoo.nn.mlp import MLP_KINDS
-    from zoo.registry import build_mixer
 
     data = dict(data or {})
     for alias, real in MODEL_ALIASES.items():
         if alias in data:
             data[real] = data.pop(alias)
+    keys = model_keys()
     clean = {}
     for key, value in data.items():
-        keys = model_keys()
         if key not in keys:
             raise ConfigError(f"{path}.{key}: unknown key.{_suggest(key, keys)} Allowed: {', '.join(keys)}.")
         clean[key] = check_value(value, keys[key], f"{path}.{key}")
@@ -285,80 +296,58 @@ def validate_model(data: dict | None, path: str = "model"):
             f"{path}.n_layers={clean['n_layers']} but {path}.layers lists {len(clean['layers'])} layers; "
             f"drop n_layers (the layers list sets the depth) or edit the layers list."
         )
-    mixers = clean.get("mixers") or {}
-    used = _used_mixers(clean)
-    for name in mixers:
-        if name not in used:
-            raise ConfigError(
-                f"{path}.mixers.{name}: settings for mixer {name!r}, which no layer uses (layers: {', '.join(sorted(used))}); "
-                f"remove them or add {name!r} to {path}.{'layers' if clean.get('layers') else 'pattern'}."
-            )
-    for name, kw in mixers.items():
+    for name, kw in (clean.get("mixers") or {}).items():
         if not isinstance(kw, dict):
             raise ConfigError(f"{path}.mixers.{name}: expected a mapping of options, got {kw!r}.")
-        clean["mixers"][name] = validate_mixer_kwargs(name, kw, f"{path}.mixers.{name}")
-    for i, name in enumerate(clean.get("pattern") or []):
-        validate_mixer_kwargs(name, {}, f"{path}.pattern[{i}]")
     if clean.get("mlp", "swiglu") not in MLP_KINDS:
         raise ConfigError(f"{path}.mlp: {clean['mlp']!r} is not an MLP kind; choose one of {', '.join(MLP_KINDS)}.")
     if clean.get("moe"):
-        from zoo.nn.moe import MoE
-
-        schema = {k: v for k, v in mixer_schema(MoE).items() if k != "hidden"}
-        for key, value in clean["moe"].items():
-            if key not in schema:
-                raise ConfigError(f"{path}.moe.{key}: unknown MoE option.{_suggest(key, schema)} Allowed: {', '.join(schema)}.")
-            clean["moe"][key] = check_value(value, schema[key], f"{path}.moe.{key}")
-        try:
-            with torch.device("meta"):
-                MoE(1, **clean["moe"])
-        except ValueError as e:
-            raise ConfigError(f"{path}.moe: {e}") from None
-    layers = clean.get("layers") or []
-    for i, spec in enumerate(layers):
-        p = f"{path}.layers[{i}]"
-        if isinstance(spec, str):
-            spec = {"mixer": spec}
-        if not isinstance(spec, dict) or "mixer" not in spec:
-            raise ConfigError(f"{p}: each layer needs a 'mixer' name, e.g. {{mixer: mamba}}.")
-        spec = dict(spec)
-        name = spec.pop("mixer")
-        kind = spec.pop("mlp", clean.get("mlp", "swiglu"))
-        if kind not in MLP_KINDS:
-            raise ConfigError(f"{p}.mlp: {kind!r} is not an MLP kind; choose one of {', '.join(MLP_KINDS)}.")
-        validate_mixer_kwargs(name, {**spec.pop("kwargs", {}), **spec}, p)
+        _validate_moe(clean["moe"], f"{path}.moe")
     try:
         config = ZooConfig(**clean)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{path}: {e}") from None
-    # Build each distinct layer on the meta device: impossible shapes fail now, naming the layer.
-    seen = set()
+        raise ConfigError(_at(path, e)) from None
+    explicit = bool(clean.get("layers"))
+    used = set(config.mixer_names)
+    for name, kw in (config.mixers or {}).items():
+        if name not in used:
+            raise ConfigError(
+                f"{path}.mixers.{name}: settings for mixer {name!r}, which no layer uses (layers: {', '.join(sorted(used))}); "
+                f"remove them or add {name!r} to {path}.{'layers' if explicit else 'pattern'}."
+            )
+        config.mixers[name] = validate_mixer_kwargs(name, kw, f"{path}.mixers.{name}")
+    pattern = config.pattern or ["attention"]
     for i, spec in enumerate(config.layers):
-        key = (spec["mixer"], repr(sorted(spec["kwargs"].items())))
-        if key in seen:
-            continue
-        seen.add(key)
-        with torch.device("meta"):
-            try:
-                build_mixer(spec["mixer"], config.d_model, layer_idx=i, kwargs=spec["kwargs"])
-            except (ValueError, TypeError) as e:
-                raise ConfigError(f"{path}.layers[{i}] ({spec['mixer']}): {e}") from None
-            except ArithmeticError as e:  # e.g. a size of 0 divides somewhere
-                bad = [f"{k}={v}" for k, v in spec["kwargs"].items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0]
-                what = ", ".join(bad) if bad else f"options {spec['kwargs']}"
-                raise ConfigError(
-                    f"{path}.layers[{i}] ({spec['mixer']}): {what} gives an impossible layer ({e}); use positive sizes."
-                ) from None
+        p = f"{path}.layers[{i}]" if explicit else f"{path}.pattern[{i % len(pattern)}]"
+        if spec["mlp"] not in MLP_KINDS:
+            raise ConfigError(f"{p}.mlp: {spec['mlp']!r} is not an MLP kind; choose one of {', '.join(MLP_KINDS)}.")
+        spec["kwargs"] = validate_mixer_kwargs(spec["mixer"], spec["kwargs"], p)
+    check_model_size(config, path=path)
     return config
 
 
-def _used_mixers(clean: dict) -> set[str]:
-    """The mixer names the layers of a (type-checked) model section use."""
-    if clean.get("layers"):
-        names = {spec if isinstance(spec, str) else spec.get("mixer") for spec in clean["layers"]
-                 if isinstance(spec, (str, dict))}
-        return {str(n) for n in names if n is not None}
-    return set(clean.get("pattern") or ["attention"])
+def _validate_moe(moe: dict, path: str) -> None:
+    """Type-check the MoE options in place against ``MoE``'s constructor, and build one on the meta device."""
+    import torch
+
+    from zoo.nn.moe import MoE
+
+    schema = {k: v for k, v in mixer_schema(MoE).items() if k != "hidden"}
+    for key, value in moe.items():
+        if key not in schema:
+            raise ConfigError(f"{path}.{key}: unknown MoE option.{_suggest(key, schema)} Allowed: {', '.join(schema)}.")
+        moe[key] = check_value(value, schema[key], f"{path}.{key}")
+    try:
+        with torch.device("meta"):
+            MoE(1, **moe)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _at(path: str, e: BaseException) -> str:
+    """``e``'s message under the key path ``path`` (a message that names a layer, ``layers[i] ...``, extends it)."""
+    msg = str(e)
+    return f"{path}.{msg}" if msg.startswith("layers[") else f"{path}: {msg}"
 
 
 def _physical_memory() -> int | None:
@@ -372,21 +361,28 @@ def _gb(n: float) -> str:
     return f"{n / 1e12:.1f} TB" if n >= 1e12 else f"{n / 1e9:.1f} GB"
 
 
-def check_model_size(model_cfg, *, memory: int | None = None) -> int:
-    """The parameter count of a model config, counted on the meta device; a model whose fp32 weights alone
-    exceed this machine's memory is refused with a ConfigError naming the setting that makes it large."""
+def check_model_size(model_cfg, *, memory: int | None = None, path: str = "model") -> int:
+    """The parameter count of a model config, from one build on the meta device.
+
+    That build is the config's shape check: a layer that cannot be built (heads not dividing the width, a size of 0)
+    fails with a ConfigError naming it (see :func:`zoo.registry.build_mixer`); a model whose fp32 weights alone
+    exceed this machine's memory is refused with a ConfigError naming the setting that makes it large.
+    """
     import torch
 
     from zoo.models import ZooForCausalLM
 
-    with torch.device("meta"):
-        model = ZooForCausalLM(model_cfg)
+    try:
+        with torch.device("meta"):
+            model = ZooForCausalLM(model_cfg)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(_at(path, e)) from None
     n = sum(p.numel() for p in model.parameters())
     memory = _physical_memory() if memory is None else memory
     if memory and 4 * n > memory:
         embed = model_cfg.vocab_size * model_cfg.d_model * (1 if model_cfg.tie_word_embeddings else 2)
-        hint = (f"model.vocab_size (now {model_cfg.vocab_size})" if embed > n / 2
-                else f"model.d_model (now {model_cfg.d_model}) or n_layers (now {model_cfg.n_layers})")
+        hint = (f"{path}.vocab_size (now {model_cfg.vocab_size})" if embed > n / 2
+                else f"{path}.d_model (now {model_cfg.d_model}) or n_layers (now {model_cfg.n_layers})")
         raise ConfigError(
             f"the model has {n:.3g} parameters ({_gb(4 * n)} in fp32), more than this machine's {_gb(memory)} of memory; "
             f"reduce {hint}."
@@ -439,16 +435,16 @@ def build_model(config, *, head: str = "causal_lm"):
     """
     from zoo.models import ZooConfig, ZooForCausalLM, ZooForSequenceClassification, ZooModel
 
+    classes = {"causal_lm": ZooForCausalLM, "classification": ZooForSequenceClassification, "base": ZooModel}
+    if head not in classes:
+        raise ValueError(f"build_model: unknown head {head!r}; choose one of {', '.join(classes)}.")
     if isinstance(config, RunConfig):
-        model_cfg = config.model
+        model_cfg = config.model  # validate_model checked it (one build on the meta device)
     elif isinstance(config, ZooConfig):
         model_cfg = config
+        check_model_size(model_cfg)  # a config made directly has not been through validate_model
     elif isinstance(config, dict) and "model" not in config:
         model_cfg = validate_model(config)
     else:
         model_cfg = validate_model((read_yaml(config) if not isinstance(config, dict) else config).get("model"))
-    classes = {"causal_lm": ZooForCausalLM, "classification": ZooForSequenceClassification, "base": ZooModel}
-    if head not in classes:
-        raise ValueError(f"build_model: unknown head {head!r}; choose one of {', '.join(classes)}.")
-    check_model_size(model_cfg)
     return classes[head](model_cfg)

@@ -4,7 +4,7 @@ Data comes from local json/jsonl/csv/parquet/text files through HF ``datasets`` 
 a network is there). Causal-LM documents can be packed several to a row: the collator concatenates them into
 one ``(1, T)`` row and emits ``cu_seqlens``, so no information and no loss term crosses a document boundary.
 
-Python: :func:`finetune`; command line: ``zoo finetune`` (:func:`add_finetune_parser` / :func:`run_finetune`)
+Python: :func:`finetune`; command line: ``zoo finetune`` (:func:`finetune_argument_parser` / :func:`run_finetune`)
 or ``python scripts/finetune.py``.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from zoo.loading import is_checkpoint
+
 IGNORE_INDEX = -100
 TASKS = ("causal_lm", "classification")
 
@@ -29,44 +32,80 @@ class FinetuneError(ValueError):
     """A fine-tuning input problem, stated in one sentence naming the fix."""
 
 
-@dataclass
-class FinetuneConfig:
-    """Everything one fine-tuning run needs (the command-line flags map one to one onto these fields)."""
+#: The FinetuneConfig fields that are TrainingArguments fields (zoo name -> TrainingArguments name): read for their
+#: ``--help`` (TrainingArguments' own) and by :func:`finetune` to fill the run's TrainingArguments.
+TRAINING_ARGUMENTS = {
+    "epochs": "num_train_epochs", "max_steps": "max_steps", "batch_size": "per_device_train_batch_size",
+    "grad_accum": "gradient_accumulation_steps", "lr": "learning_rate", "weight_decay": "weight_decay",
+    "warmup_steps": "warmup_steps", "lr_scheduler": "lr_scheduler_type", "max_grad_norm": "max_grad_norm",
+    "logging_steps": "logging_steps", "seed": "seed",
+}
 
-    model: str  # a zoo checkpoint folder (config.json + safetensors) or a config YAML for a fresh model
-    data: str  # a local data file / folder, or a hub dataset name
-    out: str  # output folder: Trainer checkpoints, then final/ with the model and tokenizer
-    task: Literal["causal_lm", "classification"] = "causal_lm"  # causal LM or sequence classifier head
-    eval_data: str | None = None  # held-out file; None: no evaluation
-    text_column: str = "text"  # column holding the text (txt files: each line is a document)
-    label_column: str = "label"  # classification only: integer or string labels
-    tokenizer: str | None = None  # "byte", a local tokenizer folder, or None: the checkpoint's own, else byte
-    seq_len: int = 512  # max tokens per document (longer causal-LM documents are split, classifier inputs cut)
-    pack: bool = False  # causal LM: pack documents into rows of seq_len tokens with cu_seqlens
-    epochs: float = 1.0  # passes over the training data
-    max_steps: int = -1  # > 0 overrides epochs
-    batch_size: int = 8  # examples (packed rows when pack=True) per device step
-    grad_accum: int = 1  # micro-batches per optimizer update
-    lr: float = 1e-4  # peak learning rate (AdamW)
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 0  # linear warmup updates
-    lr_scheduler: str = "cosine"  # any transformers scheduler name (linear, cosine, constant, ...)
-    max_grad_norm: float = 1.0  # gradient clipping
-    gradient_checkpointing: bool = False  # recompute each block in backward (less memory, more time)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA when supported, else fp32
-    lora: bool = False  # train LoRA adapters (peft) instead of all weights
-    lora_r: int = 8  # LoRA rank
-    lora_alpha: int = 16  # LoRA scaling numerator (scale = alpha / r)
-    lora_dropout: float = 0.0  # dropout on the LoRA input
-    lora_targets: list[str] | None = None  # None: every Linear named *proj inside the mixers (default_lora_targets)
-    resize_embeddings: bool = False  # grow the embedding when the tokenizer has more tokens than the model
-    resume: bool = False  # continue from the newest checkpoint-* in `out`
-    save_steps: int = 0  # updates between resumable checkpoint-* folders; 0: none (only final/)
-    logging_steps: int = 10  # updates between loss log lines
-    eval_steps: int = 0  # 0: evaluate at the end only (when eval_data is set)
-    seed: int = 0  # model init (fresh models), data order, dropout
-    progress: bool = True  # show the Trainer's progress bar
-    extra: dict[str, Any] = field(default_factory=dict)  # further TrainingArguments, passed through
+
+def _option(default: Any = dataclasses.MISSING, help: str = "", *, trainer: str | None = None):
+    """A ``zoo finetune`` flag (``HfArgumentParser`` passes the metadata to ``add_argument``). ``trainer``: the
+    FinetuneConfig field name of a :data:`TRAINING_ARGUMENTS` entry, whose help is TrainingArguments' own (plus ``help``)."""
+    if trainer is not None:
+        from transformers import TrainingArguments
+
+        name = TRAINING_ARGUMENTS[trainer]
+        own = next(f for f in dataclasses.fields(TrainingArguments) if f.name == name).metadata.get("help", "")
+        help = " ".join(f"{own} {help}".split()) + f" (TrainingArguments.{name})"
+        if name != trainer:  # the TrainingArguments flag works too
+            aliases = list(dict.fromkeys([f"--{name}", f"--{name.replace('_', '-')}"]))
+            return field(default=default, metadata={"help": help.replace("%", "%%"), "aliases": aliases})
+    return field(default=default, metadata={"help": help.replace("%", "%%")})  # argparse formats help with %
+
+
+@dataclass
+class FinetuneOptions:
+    """The flags of ``zoo finetune`` beside its MODEL argument, one per field: ``HfArgumentParser`` builds them from
+    these declarations (a training hyperparameter shows the help of the ``TrainingArguments`` field it sets)."""
+
+    data: str = _option(help="local json/jsonl/csv/parquet/txt file or folder; a NAME that is no local path is "
+                             "downloaded from the Hugging Face Hub as a dataset (refused when HF_HUB_OFFLINE=1)")
+    out: str = _option(help="output folder: Trainer checkpoints, then final/ with the model and tokenizer")
+    task: Literal["causal_lm", "classification"] = _option("causal_lm", "causal LM or sequence classifier head")
+    eval_data: str | None = _option(None, "held-out file; None: no evaluation")
+    text_column: str = _option("text", "column holding the text (txt files: each line is a document)")
+    label_column: str = _option("label", "classification only: integer or string labels")
+    tokenizer: str | None = _option(None, "'byte', a local tokenizer folder, or None: the checkpoint's own, else byte")
+    seq_len: int = _option(512, "max tokens per document (longer causal-LM documents are split, classifier inputs cut)")
+    pack: bool = _option(False, "causal LM: pack documents into rows of seq_len tokens (DataCollatorWithFlattening)")
+    epochs: float = _option(1.0, trainer="epochs")
+    max_steps: int = _option(-1, trainer="max_steps")
+    batch_size: int = _option(8, "(packed rows when --pack)", trainer="batch_size")
+    grad_accum: int = _option(1, trainer="grad_accum")
+    lr: float = _option(1e-4, "(AdamW)", trainer="lr")
+    weight_decay: float = _option(0.0, trainer="weight_decay")
+    warmup_steps: int = _option(0, trainer="warmup_steps")
+    lr_scheduler: str = _option("cosine", "(linear, cosine, constant, ...)", trainer="lr_scheduler")
+    max_grad_norm: float = _option(1.0, trainer="max_grad_norm")
+    gradient_checkpointing: bool = _option(False, "recompute each block in backward (less memory, more time)")
+    precision: Literal["auto", "fp32", "bf16"] = _option("auto", "auto: bf16 on CUDA when supported, else fp32")
+    lora: bool = _option(False, "train LoRA adapters (peft) instead of all weights")
+    lora_r: int = _option(8, "LoRA rank")
+    lora_alpha: int = _option(16, "LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = _option(0.0, "dropout on the LoRA input")
+    lora_targets: list[str] | None = _option(None, "None: every Linear named *proj inside the mixers (default_lora_targets)")
+    resize_embeddings: bool = _option(False, "grow the embedding when the tokenizer has more tokens than the model")
+    resume: bool = _option(False, "continue from the newest checkpoint-* in --out")
+    save_steps: int = _option(0, "updates between resumable checkpoint-* folders; 0: none (only final/)")
+    logging_steps: int = _option(10, trainer="logging_steps")
+    eval_steps: int = _option(0, "updates between evaluations; 0: evaluate at the end only (when --eval-data is set)")
+    seed: int = _option(0, "(model init of fresh models, data order, dropout)", trainer="seed")
+    progress: bool = _option(True, "show the Trainer's progress bar")
+
+
+@dataclass
+class FinetuneConfig(FinetuneOptions):
+    """Everything one fine-tuning run needs: the model, the options (:class:`FinetuneOptions`, the command-line flags)
+    and further ``TrainingArguments``."""
+
+    #: a zoo checkpoint folder (config.json + safetensors) or a config YAML for a fresh model
+    model: str = field(kw_only=True)
+    #: further TrainingArguments, passed through
+    extra: dict[str, Any] = field(default_factory=dict, kw_only=True)
 
 
 # ----- data ------------------------------------------------------------------------------------------
@@ -156,33 +195,32 @@ def pack_documents(pieces: list[list[int]], seq_len: int) -> list[dict[str, list
     return rows
 
 
-class ListDataset(torch.utils.data.Dataset):
-    """A list of feature dicts as a torch dataset."""
-
-    def __init__(self, rows: list[dict]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.rows[i]
-
-
 class PackedCollator:
-    """Concatenate packed rows into one ``(1, T)`` row and emit ``cu_seqlens`` (one entry per document).
+    """Packed rows (several documents each, from :func:`pack_documents`) as one ``(1, T)`` row: transformers'
+    ``DataCollatorWithFlattening`` over the documents (``position_ids`` restart at each, ``-100`` at each document's
+    first label), plus their ``cu_seqlens``.
 
-    Labels equal the inputs; the model shifts them and ``causal_lm_loss`` drops the prediction that would cross
-    a document boundary, so every document's loss is what it would be on its own.
+    The model reads that packing, so no state and no loss term crosses a document boundary: every document's loss is
+    what it would be on its own.
     """
 
+    def __init__(self) -> None:
+        from transformers import DataCollatorWithFlattening
+
+        self.flatten = DataCollatorWithFlattening(return_tensors="pt")
+
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        ids = [t for f in features for t in f["input_ids"]]
-        lengths = [n for f in features for n in f["lengths"]]
+        docs, lengths = [], []
+        for f in features:
+            start = 0
+            for n in f["lengths"]:
+                docs.append({"input_ids": list(f["input_ids"][start : start + n])})
+                lengths.append(n)
+                start += n
+        batch = dict(self.flatten(docs))
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
         cu[1:] = torch.cumsum(torch.tensor(lengths), 0)
-        x = torch.tensor(ids, dtype=torch.long)[None]
-        return {"input_ids": x, "labels": x.clone(), "cu_seqlens": cu}
+        return {**batch, "cu_seqlens": cu}
 
 
 class PaddedCollator:
@@ -230,19 +268,14 @@ def build_label_map(labels: list) -> dict:
 
 # ----- model, tokenizer, LoRA --------------------------------------------------------------------------
 
-def is_checkpoint(path: str | Path) -> bool:
-    """True for a folder holding a saved model (``config.json``)."""
-    return (Path(path) / "config.json").is_file()
-
-
 def load_tokenizer_for(model_path: str, tokenizer: str | None):
-    """:func:`zoo.data.tokenizer.checkpoint_tokenizer`, its errors naming ``--tokenizer``."""
-    from zoo.data.tokenizer import checkpoint_tokenizer
+    """:func:`zoo.loading.load_tokenizer` (the checkpoint's own, else bytes), its errors as FinetuneError."""
+    from zoo.loading import LoadError, load_tokenizer
 
     try:
-        return checkpoint_tokenizer(model_path, tokenizer)
-    except (OSError, ValueError) as e:
-        raise FinetuneError(str(e).replace("task.tokenizer", "--tokenizer")) from None
+        return load_tokenizer(model_path, tokenizer)
+    except LoadError as e:
+        raise FinetuneError(str(e)) from None
 
 
 def load_model(model_path: str, task: str, *, num_labels: int | None = None, id2label: dict | None = None):
@@ -330,45 +363,19 @@ def apply_lora(model: nn.Module, cfg: FinetuneConfig):
 
 
 def load_finetuned(path: str | Path, *, merge: bool = True):
-    """A fine-tuned model from ``path``: a full checkpoint, or a LoRA adapter folder (merged into its base)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    """A fine-tuned model from ``path``: a full checkpoint, or a LoRA adapter folder (merged into its base when
+    ``merge``); :func:`zoo.loading.load_model`."""
+    from zoo.loading import load_model
 
-    import zoo  # noqa: F401
-
-    p = Path(path)
-    if (p / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        meta = json.loads((p / "adapter_config.json").read_text())
-        base_path = meta.get("base_model_name_or_path")
-        if not base_path or not is_checkpoint(base_path):
-            raise FinetuneError(
-                f"{p}: the adapter's base model {base_path!r} is not a local checkpoint; fix base_model_name_or_path "
-                "in adapter_config.json."
-            )
-        seq_cls = meta.get("task_type") == "SEQ_CLS"
-        if seq_cls:
-            found = [f for f in (p / "finetune_config.json", p.parent / "finetune_config.json") if f.is_file()]
-            info = json.loads(found[0].read_text()) if found else {}
-            id2label = {int(k): v for k, v in (info.get("id2label") or {}).items()} or None
-            base = AutoModelForSequenceClassification.from_pretrained(
-                base_path, num_labels=len(id2label or {0: 0, 1: 1}), id2label=id2label, ignore_mismatched_sizes=True
-            )
-        else:
-            base = AutoModelForCausalLM.from_pretrained(base_path)
-        model = PeftModel.from_pretrained(base, str(p))
-        return model.merge_and_unload() if merge else model
-    if not is_checkpoint(p):
-        raise FinetuneError(f"{p} holds neither config.json nor adapter_config.json; pass a folder written by finetune.")
-    cfg = json.loads((p / "config.json").read_text())
-    archs = cfg.get("architectures") or []
-    cls = AutoModelForSequenceClassification if "ZooForSequenceClassification" in archs else AutoModelForCausalLM
-    return cls.from_pretrained(str(p))
+    return load_model(path, merge=merge)
 
 
 # ----- the run ---------------------------------------------------------------------------------------
 
 def _datasets(cfg: FinetuneConfig, tokenizer, label_map: dict | None):
+    """The tokenised training and evaluation sets, as ``datasets.Dataset`` rows."""
+    from datasets import Dataset
+
     def build(source: str, flag: str):
         table = load_table(source, key=flag)
         text_col = "text" if "text" in table.column_names and len(table.column_names) == 1 else cfg.text_column
@@ -384,11 +391,9 @@ def _datasets(cfg: FinetuneConfig, tokenizer, label_map: dict | None):
                         f"{flag}: label {labels[i]!r} does not occur in the training data; add it there or drop the row."
                     )
                 rows.append({"input_ids": d[: cfg.seq_len], "label": label_map[labels[i]]})
-            return ListDataset(rows)
+            return Dataset.from_list(rows)
         pieces = split_documents(docs, cfg.seq_len, tokenizer.eos_token_id)
-        if cfg.pack:
-            return ListDataset(pack_documents(pieces, cfg.seq_len))
-        return ListDataset([{"input_ids": p} for p in pieces])
+        return Dataset.from_list(pack_documents(pieces, cfg.seq_len) if cfg.pack else [{"input_ids": p} for p in pieces])
 
     train = build(cfg.data, "--data")
     if len(train) == 0:
@@ -433,6 +438,25 @@ def _atomic_save(model, tokenizer, cfg: FinetuneConfig, dest: Path, extra: dict)
     atomic_directory(dest, write)
 
 
+def _run_arguments(cfg: FinetuneConfig, *, has_eval: bool, bf16: bool) -> dict[str, Any]:
+    """The TrainingArguments a run sets from its FinetuneConfig (``cfg.extra`` may add others, not these)."""
+    return {
+        "output_dir": cfg.out,
+        **{name: getattr(cfg, key) for key, name in TRAINING_ARGUMENTS.items()},
+        "per_device_eval_batch_size": cfg.batch_size,
+        "bf16": bf16,
+        "save_strategy": "steps" if cfg.save_steps > 0 else "no",
+        "save_steps": cfg.save_steps if cfg.save_steps > 0 else 500,
+        "eval_strategy": "steps" if has_eval and cfg.eval_steps > 0 else "no",
+        "eval_steps": cfg.eval_steps if cfg.eval_steps > 0 else None,
+        "report_to": "none",
+        "disable_tqdm": not cfg.progress,
+        "remove_unused_columns": False,
+        "use_cpu": not torch.cuda.is_available(),
+        "dataloader_num_workers": 0,
+    }
+
+
 def finetune(cfg: FinetuneConfig | None = None, **kwargs) -> dict:
     """Run one fine-tuning job; returns ``{"final": path, "train_loss": ..., "eval_loss": ... (when evaluated)}``.
 
@@ -466,32 +490,12 @@ def finetune(cfg: FinetuneConfig | None = None, **kwargs) -> dict:
     collator = PackedCollator() if cfg.pack else PaddedCollator(pad_id, classification=cfg.task == "classification")
     out = Path(cfg.out)
     bf16 = _precision(cfg)
-    args = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        num_train_epochs=cfg.epochs,
-        max_steps=cfg.max_steps,
-        learning_rate=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type=cfg.lr_scheduler,
-        max_grad_norm=cfg.max_grad_norm,
-        gradient_accumulation_steps=cfg.grad_accum,
-        bf16=bf16,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps" if cfg.save_steps > 0 else "no",
-        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
-        eval_strategy="steps" if evalset is not None and cfg.eval_steps > 0 else "no",
-        eval_steps=cfg.eval_steps if cfg.eval_steps > 0 else None,
-        report_to="none",
-        seed=cfg.seed,
-        disable_tqdm=not cfg.progress,
-        remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        **cfg.extra,
-    )
+    fixed = _run_arguments(cfg, has_eval=evalset is not None, bf16=bf16)
+    clash = sorted(set(fixed) & set(cfg.extra))
+    if clash:
+        raise FinetuneError(f"extra: {', '.join(clash)} are set by zoo finetune from its own options; set those options "
+                            "instead (see zoo finetune --help).")
+    args = TrainingArguments(**fixed, **cfg.extra)
     trainer = Trainer(model=model, args=args, data_collator=collator, train_dataset=train, eval_dataset=evalset)
     trainer.model_accepts_loss_kwargs = False  # the zoo models average their own loss; Trainer scales for accumulation
     resume = None
@@ -520,65 +524,66 @@ def finetune(cfg: FinetuneConfig | None = None, **kwargs) -> dict:
 
 # ----- command line ----------------------------------------------------------------------------------
 
-_HELP = {
-    "model": "zoo checkpoint folder (or one made by `zoo convert`), or a config YAML for a fresh model",
-    "data": "local json/jsonl/csv/parquet/txt file or folder; a NAME that is no local path is downloaded from the "
-            "Hugging Face Hub as a dataset (refused when HF_HUB_OFFLINE=1)",
-    "out": "output folder",
-}
+MODEL_HELP = "zoo checkpoint folder (or one made by `zoo convert`), or a config YAML for a fresh model"
+
+
+def finetune_argument_parser() -> argparse.ArgumentParser:
+    """The flags of ``zoo finetune``, built by transformers' ``HfArgumentParser``, as a parser to pass in
+    ``parents=[...]``: MODEL, one flag per :class:`FinetuneOptions` field (a training hyperparameter also answers to
+    its TrainingArguments name, e.g. ``--learning-rate`` for ``--lr``), then every other ``TrainingArguments`` field
+    (``--optim``, ``--lr-scheduler-kwargs``, ...), passed through to the Trainer as ``FinetuneConfig.extra``."""
+    from transformers import HfArgumentParser
+
+    p = HfArgumentParser([FinetuneOptions, further_training_arguments()], add_help=False)
+    p.add_argument("model", help=MODEL_HELP)
+    return p
+
+
+@functools.cache
+def further_training_arguments() -> type:
+    """A dataclass of the ``TrainingArguments`` fields that zoo finetune does not set from its own options."""
+    import typing
+
+    from transformers import TrainingArguments
+
+    own = {f.name for f in dataclasses.fields(FinetuneOptions)} | set(TRAINING_ARGUMENTS.values())
+    own |= set(_run_arguments(FinetuneConfig(model="", data="", out=""), has_eval=False, bf16=False))
+    hints = typing.get_type_hints(TrainingArguments)
+    fields = []
+    for f in dataclasses.fields(TrainingArguments):
+        if f.init and f.name not in own and not f.name.startswith("_"):
+            default = ({"default_factory": f.default_factory} if f.default is dataclasses.MISSING
+                       else {"default": f.default})
+            fields.append((f.name, hints[f.name], field(metadata=f.metadata, **default)))
+    cls = dataclasses.make_dataclass("FurtherTrainingArguments", fields)
+    cls._argument_group_name = "further TrainingArguments (passed to the Trainer)"
+    return cls
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """The :class:`FinetuneConfig` of parsed ``zoo finetune`` arguments; further TrainingArguments given on the
+    command line (those that differ from their default) go to ``extra``."""
+    from transformers import HfArgumentParser
+
+    values = vars(args)
+    # the defaults as the parser gives them (it turns some, e.g. debug="" into None)
+    defaults = vars(HfArgumentParser(further_training_arguments()).parse_known_args([])[0])
+    extra = {k: values[k] for k, v in defaults.items() if k in values and values[k] != v}
+    names = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"extra"}
+    return FinetuneConfig(**{k: v for k, v in values.items() if k in names}, extra=extra)
 
 
 def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``finetune`` sub-command to an argparse ``subparsers`` object and return its parser."""
-    p = subparsers.add_parser("finetune", help="fine-tune a zoo model with transformers' Trainer (optionally LoRA)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_finetune_arguments(p)
-    return p
-
-
-def _field_help() -> dict[str, str]:
-    """The comment after each :class:`FinetuneConfig` field, as its ``--help`` text."""
-    import inspect
-    import re
-
-    out = {}
-    for line in inspect.getsource(FinetuneConfig).splitlines():
-        m = re.match(r"\s+(\w+): .*?#\s*(.+)$", line)
-        if m:
-            out[m.group(1)] = m.group(2).replace("%", "%%")
-    return out
-
-
-def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
-    """The fine-tuning flags, one per :class:`FinetuneConfig` field."""
-    defaults = FinetuneConfig(model="", data="", out="")
-    helps = _field_help()
-    p.add_argument("model", help=_HELP["model"])
-    p.add_argument("--data", required=True, help=_HELP["data"])
-    p.add_argument("--out", required=True, help=_HELP["out"])
-    for f in dataclasses.fields(FinetuneConfig):
-        if f.name in ("model", "data", "out", "extra"):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        h = helps.get(f.name)
-        if isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=h)
-        elif f.name == "lora_targets":
-            p.add_argument(flag, nargs="+", default=None, help=h)
-        elif f.name in ("task", "precision"):
-            p.add_argument(flag, choices=TASKS if f.name == "task" else ("auto", "fp32", "bf16"), default=default, help=h)
-        else:
-            kind = {int: int, float: float}.get(type(default), str)
-            p.add_argument(flag, type=kind, default=default, help=h)
+    return subparsers.add_parser("finetune", parents=[finetune_argument_parser()],
+                                 help="fine-tune a zoo model with transformers' Trainer (optionally LoRA)",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
     """Entry point of ``zoo finetune``: run the job, print where the model is and how to load it."""
-    fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields})
     try:
-        metrics = finetune(cfg)
+        metrics = finetune(config_from_args(args))
     except FinetuneError as e:
         print(f"error: {e}")
         return 2
@@ -589,8 +594,9 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python scripts/finetune.py ...``: the same flags as ``zoo finetune``."""
-    parser = argparse.ArgumentParser(prog="finetune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_finetune_arguments(parser)
-    return run_finetune(parser.parse_args(argv))
+    """``python scripts/finetune.py ...``: ``zoo finetune`` with the same flags."""
+    import sys
+
+    from zoo.cli import main as zoo_main
+
+    return zoo_main(["finetune", *(sys.argv[1:] if argv is None else argv)])

@@ -51,7 +51,8 @@ def build_mixer(name: str, d_model: int, *, layer_idx: int = 0, kwargs: dict | N
     """The mixer ``name`` built from its layer's kwargs, with its kernel backend setting.
 
     ``kwargs["backend"]`` (``model.mixers.<name>.backend``) overrides the model's ``backend``; a mixer whose
-    constructor takes ``backend`` (MoM) also receives it. "auto" is stored as None (each kernel chooses).
+    constructor takes ``backend`` (MoM) also receives it. "auto" is stored as None (each kernel chooses). A layer that
+    cannot be built raises a ValueError (or TypeError) that names it: ``layers[i] (name): ...``.
     """
     import inspect
 
@@ -59,7 +60,16 @@ def build_mixer(name: str, d_model: int, *, layer_idx: int = 0, kwargs: dict | N
     kwargs = dict(kwargs or {})
     own = kwargs.get("backend") if "backend" in inspect.signature(cls.__init__).parameters else kwargs.pop("backend", None)
     setting = own if own is not None else backend
-    mixer = cls(d_model, layer_idx=layer_idx, **kwargs)
+    try:
+        mixer = cls(d_model, layer_idx=layer_idx, **kwargs)
+    except (ValueError, TypeError) as e:  # name the layer: the config's key path extends this message
+        raise (TypeError if isinstance(e, TypeError) else ValueError)(f"layers[{layer_idx}] ({name}): {e}") from e
+    except ArithmeticError as e:  # e.g. a size of 0 divides somewhere
+        bad = [f"{k}={v}" for k, v in kwargs.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0]
+        raise ValueError(
+            f"layers[{layer_idx}] ({name}): {', '.join(bad) if bad else f'options {kwargs}'} gives an impossible layer "
+            f"({e}); use positive sizes."
+        ) from e
     mixer.backend = None if setting in (None, "auto") else setting
     return mixer
 

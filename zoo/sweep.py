@@ -364,20 +364,20 @@ def summary(rows: list[dict]) -> str:
 
 def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``sweep`` sub-command to an argparse ``subparsers`` object and return its parser."""
-    p = subparsers.add_parser("sweep", help="run the MQAR recall sweep (CSV + plots)", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sweep_arguments(p)
-    return p
+    return subparsers.add_parser("sweep", parents=[sweep_argument_parser()], help="run the MQAR recall sweep (CSV + plots)",
+                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
-    """The sweep flags."""
+def sweep_argument_parser() -> argparse.ArgumentParser:
+    """The flags of ``zoo sweep``, as a parser to pass in ``parents=[...]``."""
+    p = argparse.ArgumentParser(add_help=False)
     p.add_argument("config", help="sweep YAML, e.g. configs/sweeps/mqar-cpu.yaml")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. sweep.widths=[32,64] train.steps=200")
     p.add_argument("--out", default=None, help="output folder (default: sweep.out of the YAML)")
     p.add_argument("--restart", action="store_true", help="ignore finished runs in the CSV and run everything again")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--plots-only", action="store_true", help="train nothing: redraw the plots and report from the CSV")
+    return p
 
 
 def run_sweep(args: argparse.Namespace) -> int:
@@ -398,11 +398,12 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m zoo.sweep CONFIG ...``."""
-    parser = argparse.ArgumentParser(prog="zoo sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sweep_arguments(parser)
-    return run_sweep(parser.parse_args(argv))
+    """``python -m zoo.sweep CONFIG ...``: ``zoo sweep`` with the same arguments."""
+    import sys
+
+    from zoo.cli import main as zoo_main
+
+    return zoo_main(["sweep", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from zoo.bench import bench_parser, fwd_bwd, median_time, record, setup
+from zoo.bench import bench_parser, fwd_bwd, record, setup, speedups
 from zoo.kernels import chunk_delta_rule
 from zoo.kernels.delta_rule.reference import delta_rule_reference
 
@@ -25,13 +25,7 @@ def inputs(B: int, L: int, H: int, K: int, device, dtype) -> list[torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = bench_parser(__doc__)
-    ap.add_argument("--length", type=int, default=4096)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--chunk", type=int, default=64)
-    args = ap.parse_args(argv)
+    args = bench_parser(__doc__, length=4096, batch=1, heads=4, head_dim=64, chunk=64).parse_args(argv)
     device, dtype = setup(args)
     torch.manual_seed(0)
     xs = inputs(args.batch, args.length, args.heads, args.head_dim, device, dtype)
@@ -41,19 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     }
     if device.type == "cuda":
         runs["triton"] = lambda: fwd_bwd(chunk_delta_rule, xs, chunk_size=args.chunk, backend="triton")
-    times = {name: median_time(fn, repeats=args.repeats, warmup=1, device=device) for name, fn in runs.items()}
-    base = times["recurrent loop (reference.py)"]
-    rows = [[name, t * 1e3, base / t] for name, t in times.items()]
-    record(
-        "chunk_delta_rule: chunked vs recurrent, forward + backward",
-        ["path", "fwd+bwd ms (median)", "speed-up vs recurrent"],
-        rows,
-        device=device,
-        path=args.record,
-        notes=(f"gated delta rule, B={args.batch}, L={args.length}, H={args.heads}, K=V={args.head_dim}, "
-               f"chunk {args.chunk}, {dtype} inputs (compute float32); median of {args.repeats} after 1 warm-up; "
-               "target >= 5x for the chunked path."),
-    )
+    rows = speedups(runs, baseline="recurrent loop (reference.py)", repeats=args.repeats, device=device)
+    notes = (f"gated delta rule, B={args.batch}, L={args.length}, H={args.heads}, K=V={args.head_dim}, "
+             f"chunk {args.chunk}, {dtype} inputs (compute float32); median of {args.repeats} after 1 warm-up; "
+             "target >= 5x for the chunked path.")
+    record("chunk_delta_rule: chunked vs recurrent, forward + backward",
+           ["path", "fwd+bwd ms (median)", "speed-up vs recurrent"], rows, device=device, args=args, notes=notes)
 
 
 if __name__ == "__main__":

@@ -58,27 +58,19 @@ def run(world: int, args, tmp: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = bench_parser(__doc__, threads=None, repeats=1)
+    p = bench_parser(__doc__, threads=None, repeats=1, steps=20, batch_size=16, seq_len=256, timeout=600.0)
     p.add_argument("--config", default="hgrn", help="a config path or packaged name (default hgrn)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--timeout", type=float, default=600)
     p.add_argument("override", nargs="*", help="extra key.path=value overrides")
     args = p.parse_args(argv)
     if args.device != "cpu":
         raise SystemExit("zoo bench distributed measures CPU processes on gloo; run it with --device cpu (the default).")
     with tempfile.TemporaryDirectory() as tmp:
         results = {w: run(w, args, Path(tmp)) for w in (1, 2)}
-    record(
-        "Data-parallel zoo train on CPU: 1 vs 2 processes (gloo, DDP)",
-        ["processes", "tokens/s per process", "tokens/s total", "scaling vs 1 process"],
-        [[w, round(per), round(per * w), per * w / results[1]] for w, per in results.items()],
-        device="cpu",
-        path=args.record,
-        notes=(f"config {args.config}, global batch {args.batch_size} x {args.seq_len} tokens, {args.steps} steps "
-               "(the first dropped), one torch thread per process; tokens/s from rank 0's metrics.jsonl."),
-    )
+    notes = (f"config {args.config}, global batch {args.batch_size} x {args.seq_len} tokens, {args.steps} steps "
+             "(the first dropped), one torch thread per process; tokens/s from rank 0's metrics.jsonl.")
+    record("Data-parallel zoo train on CPU: 1 vs 2 processes (gloo, DDP)",
+           ["processes", "tokens/s per process", "tokens/s total", "scaling vs 1 process"],
+           [[w, round(per), round(per * w), per * w / results[1]] for w, per in results.items()], args=args, notes=notes)
 
 
 if __name__ == "__main__":

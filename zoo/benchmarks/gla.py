@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from zoo.bench import bench_parser, fwd_bwd, median_time, record, setup
+from zoo.bench import bench_parser, fwd_bwd, record, setup, speedups
 from zoo.kernels import chunk_gla
 from zoo.kernels.gla.reference import gla_recurrent
 
@@ -25,13 +25,7 @@ def inputs(B: int, L: int, H: int, K: int, *, per_key: bool, device, dtype) -> l
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = bench_parser(__doc__)
-    ap.add_argument("--length", type=int, default=4096)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--chunk", type=int, default=64)
-    args = ap.parse_args(argv)
+    args = bench_parser(__doc__, length=4096, batch=2, heads=4, head_dim=64, chunk=64).parse_args(argv)
     device, dtype = setup(args)
     rows = []
     for per_key in (False, True):
@@ -43,21 +37,13 @@ def main(argv: list[str] | None = None) -> None:
         }
         if device.type == "cuda":
             runs["triton"] = lambda xs=xs: fwd_bwd(chunk_gla, xs, chunk_size=args.chunk, backend="triton")
-        times = {name: median_time(fn, repeats=args.repeats, warmup=1, device=device) for name, fn in runs.items()}
-        base = times["recurrent loop (reference.py)"]
         kind = "per key dim" if per_key else "scalar per head"
-        rows += [[kind, name, t * 1e3, base / t] for name, t in times.items()]
-    record(
-        "chunk_gla: chunked vs recurrent, forward + backward",
-        ["decay", "path", "fwd+bwd ms (median)", "speed-up vs recurrent"],
-        rows,
-        device=device,
-        path=args.record,
-        notes=(
-            f"B={args.batch}, L={args.length}, H={args.heads}, K=V={args.head_dim}, chunk {args.chunk}, "
-            f"{str(dtype).removeprefix('torch.')}; median of {args.repeats} after 1 warm-up; shared machine."
-        ),
-    )
+        rows += [[kind, *row] for row in speedups(runs, baseline="recurrent loop (reference.py)",
+                                                   repeats=args.repeats, device=device)]
+    notes = (f"B={args.batch}, L={args.length}, H={args.heads}, K=V={args.head_dim}, chunk {args.chunk}, "
+             f"{str(dtype).removeprefix('torch.')}; median of {args.repeats} after 1 warm-up; shared machine.")
+    record("chunk_gla: chunked vs recurrent, forward + backward",
+           ["decay", "path", "fwd+bwd ms (median)", "speed-up vs recurrent"], rows, device=device, args=args, notes=notes)
 
 
 if __name__ == "__main__":

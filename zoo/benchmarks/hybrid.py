@@ -58,13 +58,8 @@ def measure(model, L: int, decode_tokens: int, device, dtype) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = bench_parser(__doc__, device="cuda" if torch.cuda.is_available() else "cpu", threads=None)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--window", type=int, default=2048)
-    ap.add_argument("--decode-tokens", type=int, default=32)
-    args = ap.parse_args(argv)
+    args = bench_parser(__doc__, device="cuda" if torch.cuda.is_available() else "cpu", threads=None,
+                        lengths=[4096, 16384], d_model=256, layers=4, window=2048, decode_tokens=32).parse_args(argv)
     device, dtype = setup(args)
     torch.manual_seed(0)
     models = {k: build(k, args.d_model, args.layers, args.window, 8192).to(device, dtype) for k in ("samba", "transformer")}
@@ -75,17 +70,12 @@ def main(argv: list[str] | None = None) -> None:
         rows.append([L, round(s["prefill_tok_s"]), round(t["prefill_tok_s"]), s["prefill_tok_s"] / t["prefill_tok_s"],
                      round(s["decode_tok_s"], 1), round(t["decode_tok_s"], 1), s["cache_mib"], t["cache_mib"]])
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
-    record(
-        "Hybrid: Samba vs GQA Transformer, prefill and decode",
-        ["prompt L", "Samba prefill tok/s", "Transformer prefill tok/s", "prefill ratio", "Samba decode tok/s",
-         "Transformer decode tok/s", "Samba cache MiB", "Transformer cache MiB"],
-        rows,
-        device=device,
-        path=args.record,
-        notes=(f"d_model {args.d_model}, {args.layers} layers, SWA window {args.window}, batch 1, {dtype}; params Samba "
-               f"{params['samba']:,} / Transformer {params['transformer']:,}; decode = {args.decode_tokens} greedy steps "
-               "after the prefill; the Samba paper reports 3.73x prefill throughput at 128K on GPU."),
-    )
+    notes = (f"d_model {args.d_model}, {args.layers} layers, SWA window {args.window}, batch 1, {dtype}; params Samba "
+             f"{params['samba']:,} / Transformer {params['transformer']:,}; decode = {args.decode_tokens} greedy steps "
+             "after the prefill; the Samba paper reports 3.73x prefill throughput at 128K on GPU.")
+    header = ["prompt L", "Samba prefill tok/s", "Transformer prefill tok/s", "prefill ratio", "Samba decode tok/s",
+              "Transformer decode tok/s", "Samba cache MiB", "Transformer cache MiB"]
+    record("Hybrid: Samba vs GQA Transformer, prefill and decode", header, rows, device=device, args=args, notes=notes)
 
 
 if __name__ == "__main__":

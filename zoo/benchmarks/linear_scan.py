@@ -97,42 +97,23 @@ def bench_lm(mixers: list[str], *, batch: int, length: int, repeats: int) -> lis
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = bench_parser(__doc__, threads=None)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--length", type=int, default=4096)
-    ap.add_argument("--width", type=int, default=2048)
-    ap.add_argument("--lm-batch", type=int, default=4)
-    ap.add_argument("--lm-length", type=int, default=256)
+    ap = bench_parser(__doc__, threads=None, batch=8, length=4096, width=2048, lm_batch=4, lm_length=256)
     ap.add_argument("--skip-lm", action="store_true", help="only the kernel table")
     args = ap.parse_args(argv)
     device, dtype = setup(args)
     shapes = [(args.batch, args.length, args.width), (8, 512, 512), (16, 256, 128)]
     rows = bench_scan(shapes, args.repeats, device, dtype)
-    record(
-        "linear_scan: torch fast path vs sequential loop vs log-cumsumexp scan, forward + backward",
-        ["(B, L, D)", "path", "fwd+bwd ms (median)", "speed-up vs loop", "max rel. err vs loop"],
-        rows,
-        device=device,
-        path=args.record,
-        notes=(
-            f"{str(dtype).removeprefix('torch.')}; a in [0.5, 1), b in [0.1, 1.1) (positive, for the log-space scan); "
-            f"median of {args.repeats} after 1 warm-up; all shapes measured (none extrapolated)."
-        ),
-    )
+    notes = (f"{str(dtype).removeprefix('torch.')}; a in [0.5, 1), b in [0.1, 1.1) (positive, for the log-space scan); "
+             f"median of {args.repeats} after 1 warm-up; all shapes measured (none extrapolated).")
+    record("linear_scan: torch fast path vs sequential loop vs log-cumsumexp scan, forward + backward",
+           ["(B, L, D)", "path", "fwd+bwd ms (median)", "speed-up vs loop", "max rel. err vs loop"], rows,
+           device=device, args=args, notes=notes)
     if not args.skip_lm and device.type == "cpu":
         lm_rows = bench_lm(["mingru", "hgrn"], batch=args.lm_batch, length=args.lm_length, repeats=args.repeats)
-        record(
-            "minGRU / HGRN LM training step on CPU (4 layers, D=512, SwiGLU MLP, vocab 8192)",
-            ["mixer", "scan", "(batch, length)", "step ms (median)", "tokens/s"],
-            lm_rows,
-            device=device,
-            path=args.record,
-            notes=(
-                f"forward + backward + AdamW step, float32, median of {args.repeats} after 1 warm-up; "
-                "`sequential loop` swaps reference.py in for linear_scan inside the mixers."
-            ),
-        )
-
+        notes = (f"forward + backward + AdamW step, float32, median of {args.repeats} after 1 warm-up; "
+                 "`sequential loop` swaps reference.py in for linear_scan inside the mixers.")
+        record("minGRU / HGRN LM training step on CPU (4 layers, D=512, SwiGLU MLP, vocab 8192)",
+               ["mixer", "scan", "(batch, length)", "step ms (median)", "tokens/s"], lm_rows, args=args, notes=notes)
 
 if __name__ == "__main__":
     main()

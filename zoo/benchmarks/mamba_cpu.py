@@ -57,14 +57,9 @@ def median_time(model, L: int, args, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = bench_parser(__doc__, threads=2)
-    p.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 4096])
+    p = bench_parser(__doc__, threads=2, lengths=[256, 512, 1024, 4096], layers=4, width=256, batch=2, vocab=1024)
     p.add_argument("--hf-lengths", type=int, nargs="*", default=[256, 512])
     p.add_argument("--hf-repeats", type=int, default=1, help="timed repeats of transformers' model (it is slow)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=1024)
     args = p.parse_args(argv)
     if args.device != "cpu":
         raise SystemExit("zoo bench mamba_cpu measures the CPU paths; run it with --device cpu (the default).")
@@ -91,8 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         "Mamba-1 LM forward+backward on CPU: zoo vs transformers",
         ["L", "zoo Mamba fwd+bwd (s)", "transformers Mamba fwd+bwd (s)", "speed-up"],
         rows,
-        device="cpu",
-        path=args.record,
+        args=args,
         notes=(f"{args.layers} layers, width {args.width}, batch {args.batch}, d_state 16, d_conv 4, expand 2, "
                f"vocab {args.vocab}, no MLP, float32; transformers {transformers.__version__} MambaForCausalLM on its "
                f"torch path with the same weights (logits rel. err {logit_err:.1e}); median of {args.repeats} (zoo) / "

@@ -1,4 +1,5 @@
-"""Evaluation of zoo checkpoints: lm-evaluation-harness tasks (the ``[eval]`` extra) and local-file perplexity.
+"""Evaluation of zoo checkpoints: their zoo task and passkey retrieval (``zoo eval``), lm-evaluation-harness tasks
+(the ``[eval]`` extra) and local-file perplexity.
 
 Command line: :func:`add_lm_eval_arguments` adds ``--tasks`` / ``--perplexity`` (and their options) to a parser and
 :func:`run_lm_eval_args` runs them; :func:`add_eval_parser` / :func:`run_eval` form a complete ``eval`` sub-command.
@@ -9,8 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from zoo.evaluation.harness import HAVE_LM_EVAL, EvalError, ZooLM, load_for_eval, run_lm_eval, write_json
+from zoo.evaluation.harness import HAVE_LM_EVAL, EvalError, load_for_eval, run_lm_eval, write_json
 from zoo.evaluation.perplexity import perplexity
+from zoo.evaluation.task import evaluate_checkpoint, passkey_checkpoint
 
 
 def add_lm_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,7 +70,16 @@ def run_lm_eval_args(args: argparse.Namespace) -> int:
 
 run_eval = run_lm_eval_args
 
+
+def __getattr__(name: str):
+    if name == "ZooLM":  # lm-eval loads only when the adapter is used (zoo.evaluation.harness)
+        from zoo.evaluation import harness
+
+        return harness.ZooLM
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
-    "HAVE_LM_EVAL", "EvalError", "ZooLM", "add_eval_parser", "add_lm_eval_arguments", "load_for_eval", "perplexity",
-    "run_eval", "run_lm_eval", "run_lm_eval_args", "write_json",
+    "HAVE_LM_EVAL", "EvalError", "ZooLM", "add_eval_parser", "add_lm_eval_arguments", "evaluate_checkpoint",
+    "load_for_eval", "passkey_checkpoint", "perplexity", "run_eval", "run_lm_eval", "run_lm_eval_args", "write_json",
 ]

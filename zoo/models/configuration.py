@@ -89,20 +89,23 @@ class ZooConfig(PreTrainedConfig):
 
 
 def resolve_layers(n_layers: int, pattern: list | None, layers: list | None, mixers: dict, mlp: str) -> list[dict]:
-    """Expand ``pattern``/``layers`` into ``[{"mixer": name, "mlp": kind, "kwargs": {...}}] * n_layers``."""
-    if layers:
-        out = []
-        for spec in layers:
-            if isinstance(spec, str):
-                spec = {"mixer": spec}
-            spec = dict(spec)
-            name = spec.pop("mixer")
-            kind = spec.pop("mlp", mlp)
-            kwargs = {**mixers.get(name, {}), **spec.pop("kwargs", {}), **spec}
-            out.append({"mixer": name, "mlp": kind, "kwargs": kwargs})
-        return out
-    pattern = list(pattern or ["attention"])
-    return [
-        {"mixer": pattern[i % len(pattern)], "mlp": mlp, "kwargs": dict(mixers.get(pattern[i % len(pattern)], {}))}
-        for i in range(n_layers)
-    ]
+    """Expand ``pattern``/``layers`` into ``[{"mixer": name, "mlp": kind, "kwargs": {...}}] * n_layers``.
+
+    The one normalisation of the layer list (``zoo.config.validate_model`` checks its result): a layer is a mixer
+    name or a mapping ``{"mixer": name, "mlp": kind, <mixer kwargs>}`` (or the resolved form, with ``kwargs``); its
+    kwargs are the model's ``mixers.<name>`` settings updated by the layer's own.
+    """
+    if not layers:
+        pattern = list(pattern or ["attention"])
+        layers = [pattern[i % len(pattern)] for i in range(n_layers)]
+    out = []
+    for i, spec in enumerate(layers):
+        spec = {"mixer": spec} if isinstance(spec, str) else spec
+        if not isinstance(spec, dict) or "mixer" not in spec:
+            raise ValueError(f"layers[{i}]: each layer needs a 'mixer' name, e.g. {{mixer: mamba}}.")
+        spec = dict(spec)
+        name = spec.pop("mixer")
+        kind = spec.pop("mlp", mlp)
+        kwargs = {**(mixers.get(name) or {}), **spec.pop("kwargs", {}), **spec}
+        out.append({"mixer": name, "mlp": kind, "kwargs": kwargs})
+    return out

@@ -348,3 +348,27 @@ def test_zoo_train_step_tiles_the_head_and_equals_the_model_loss(monkeypatch):
     assert_grads_close(g_step, g_ref, rtol=1e-5, atol=1e-6)
     mask = torch.nn.functional.pad(y[:, 1:], (0, 1), value=-100) != -100
     assert torch.equal(preds, ref.logits[mask].argmax(-1))
+
+
+@pytest.mark.parametrize("name", ["mamba", "mamba2", "retnet", "hgrn", "mingru", "gateloop", "s4"])
+def test_checkpointed_sequence_tiles_equal_whole_blocks(name):
+    """checkpoint_chunk_size: a recurrent block recomputed tile by tile (state carried) = the plain forward/backward."""
+    from conftest import small_kwargs
+
+    cfg = ZooConfig(vocab_size=V, d_model=D, n_layers=2, pattern=[name], mixers={name: small_kwargs(name)},
+                    tie_word_embeddings=False, checkpoint_chunk_size=7, loss_chunk_size=0)
+    model = make(cfg)
+    x, y = batch(L=30)
+    ref_out, ref = run(model, x, y)
+    model.gradient_checkpointing_enable()
+    tiles = []
+    func = model.model._gradient_checkpointing_func
+    model.model._gradient_checkpointing_func = lambda fn, *a: (tiles.append(fn.__name__), func(fn, *a))[1]
+    out, got = run(model, x, y)
+    assert tiles.count("_run_block_tile") == 2 * 5  # 30 tokens in tiles of 7: 5 per layer
+    torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(got, ref, rtol=1e-4, atol=1e-6)
+    model.config.checkpoint_chunk_size = 0  # whole blocks again
+    tiles.clear()
+    run(model, x, y)
+    assert "_run_block_tile" not in tiles

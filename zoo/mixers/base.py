@@ -118,6 +118,11 @@ class RecurrentMixer(Mixer):
     a single token with a cached state takes the O(1) step path, and padded decode tokens keep the state.
     """
 
+    #: The model may run this mixer's checkpointed blocks in sequence tiles, carrying the state between them
+    #: (``ZooConfig.checkpoint_chunk_size``); False for a mixer whose forward is not a function of (tile, state)
+    #: alone, e.g. one whose auxiliary loss is computed over the whole sequence.
+    sequence_tiles: bool = True
+
     @abstractmethod
     def scan(self, x: torch.Tensor, *, state: State | None = None, mask: torch.Tensor | None = None,
              cu_seqlens: torch.Tensor | None = None, return_state: bool = False) -> tuple[torch.Tensor, State | None]:

@@ -94,6 +94,7 @@ class MoM(RecurrentMixer):
     #: Stay float32 when the model is cast to bf16/fp16 (read by ``ZooPreTrainedModel``): the decay parameters,
     #: and the router, whose top-k choice is discontinuous (a bf16-rounded router re-routes more tokens).
     keep_in_fp32 = ("A_log", "dt_bias", "router.weight")
+    sequence_tiles = False  # the load-balancing loss is over the whole sequence: checkpoint whole blocks
 
     def __init__(
         self,

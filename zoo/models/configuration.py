@@ -38,6 +38,10 @@ class ZooConfig(PreTrainedConfig):
     # flattened batch has more tokens than this; 0: never tiled). Neither changes the results.
     loss_chunk_size: int = 1024
     mlp_chunk_size: int = 4096
+    # With activation checkpointing, a causal recurrent block runs in sequence tiles of this many tokens, each
+    # recomputed alone in backward, the mixer's state carried from tile to tile (as chunked prefill): only one
+    # tile's working memory exists at a time. 0: a checkpointed block is recomputed whole.
+    checkpoint_chunk_size: int = 4096
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
@@ -57,7 +61,7 @@ class ZooConfig(PreTrainedConfig):
             raise ValueError(f"backend must be one of {', '.join(BACKEND_SETTINGS)} (got {self.backend!r}).")
         if self.pooling not in POOLING:
             raise ValueError(f"pooling must be one of {', '.join(POOLING)} (got {self.pooling!r}).")
-        for key in ("loss_chunk_size", "mlp_chunk_size"):
+        for key in ("loss_chunk_size", "mlp_chunk_size", "checkpoint_chunk_size"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 raise ValueError(f"{key} must be a whole number of tokens >= 0 (got {getattr(self, key)!r}); 0 disables tiling.")
         kwargs.pop("auto_map", None)

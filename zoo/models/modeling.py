@@ -24,6 +24,7 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutputWithPast,
 )
 
+from zoo.mixers.base import RecurrentMixer
 from zoo.models.cache import ZooCache
 from zoo.models.configuration import ZooConfig
 from zoo.models.loss import IGNORE_INDEX, causal_lm_loss, tiled_causal_lm_loss, tiled_linear_cross_entropy
@@ -338,7 +339,9 @@ class ZooModel(ZooPreTrainedModel):
                     self.checkpoint_mixers is None or spec["mixer"] in self.checkpoint_mixers
                 ):
                     recompute, chosen = chosen % self.checkpoint_every == 0, chosen + 1
-                if recompute:
+                if recompute and self._tiles(block, x.shape[1], attention_mask, cu_seqlens):
+                    x = self._checkpointed_tiles(block, x)
+                elif recompute:
                     x = self._gradient_checkpointing_func(_run_block, block, x, attention_mask, cu_seqlens)
                 else:
                     x = block(x, cache=cache, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
@@ -351,6 +354,23 @@ class ZooModel(ZooPreTrainedModel):
             cu_seqlens=cu_seqlens,
             **{_OUTPUT_CACHE_FIELD: cache if use_cache or cache is not None else None},
         )
+
+    def _tiles(self, block: ZooBlock, L: int, attention_mask, cu_seqlens) -> bool:
+        """Whether a checkpointed block runs in sequence tiles (``config.checkpoint_chunk_size``)."""
+        chunk = self.config.checkpoint_chunk_size
+        mixer = block.mixer
+        return (
+            0 < chunk < L and isinstance(mixer, RecurrentMixer) and mixer.causal and mixer.sequence_tiles
+            and attention_mask is None and cu_seqlens is None and sequence.active() is None
+        )
+
+    def _checkpointed_tiles(self, block: ZooBlock, x: torch.Tensor) -> torch.Tensor:
+        """``block(x)`` tile by tile: each tile checkpointed with the mixer state it starts from (saved: x, states)."""
+        chunk, state, outs = self.config.checkpoint_chunk_size, None, []
+        for s in range(0, x.shape[1], chunk):
+            y, state = self._gradient_checkpointing_func(_run_block_tile, block, x[:, s : s + chunk], state)
+            outs.append(y)
+        return torch.cat(outs, dim=1)
 
     def aux_loss(self) -> torch.Tensor | None:
         """Sum of the auxiliary losses (routers) left by the last forward, or None."""
@@ -388,6 +408,15 @@ def _sequence_parallel_packing(shard, B: int, L: int, *, cache, use_cache, atten
 
 def _run_block(block: ZooBlock, x, attention_mask, cu_seqlens):
     return block(x, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
+
+
+def _run_block_tile(block: ZooBlock, x, state):
+    """One sequence tile of a recurrent block, continuing from ``state``: ``(out, state after the tile)``."""
+    h, new = block.mixer.scan(block.mixer_norm(x), state=state, return_state=True)
+    x = x + h
+    if block.mlp is not None:
+        x = x + block.mlp(block.mlp_norm(x))
+    return x, new
 
 
 def offload_context(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:

@@ -126,7 +126,7 @@ class RetNet(RecurrentMixer):
         shard = sequence.active()
         if shard is not None:  # a slice of the sequence: positions count from its document's start on an earlier rank
             pos = shard.positions(x.device)[None].expand(B, L)
-            counts = torch.zeros_like(offset)  # no state is returned under sequence parallelism
+            counts = torch.zeros_like(offset)  # unused: the model refuses a cache under sequence parallelism
         elif cu_seqlens is not None:
             pos = (seq_index(cu_seqlens, L) + offset[seq_ids(cu_seqlens, L)])[None]  # (1, L)
             counts = (cu_seqlens[1:] - cu_seqlens[:-1]).long()

@@ -29,3 +29,34 @@ def test_core_blocks_match_one_process(world, tmp_path):
                     continue
                 torch.testing.assert_close(res[key], res[key + "_ref"], rtol=1e-10, atol=1e-10,
                                            msg=f"{job} {kw} rank {rank}/{world} {key}")
+
+
+# Packings: boundaries inside slices, on slice edges (4, 8, 12), an empty document, one document across every rank.
+PACKINGS = [[0, 3, 8, 8, 13, 16], [0, 4, 10, 16], [0, 2, 15, 16]]
+ROUTED = [
+    *[("sp_jobs_core:selective_job", {"L": 16, "cu": cu}) for cu in (None, *PACKINGS)],
+    ("sp_jobs_core:selective_job", {"L": 16, "groups": 1}),
+    *[("sp_jobs_core:gla_job", {"L": 16, "cu": cu}) for cu in (None, *PACKINGS)],
+    ("sp_jobs_core:gla_job", {"L": 16, "per_key": True}),
+    ("sp_jobs_core:gla_job", {"L": 16, "per_key": True, "cu": PACKINGS[0]}),
+    ("sp_jobs_core:ssd_job", {"L": 16}),
+    ("sp_jobs_core:ssd_job", {"L": 16, "cu": PACKINGS[2]}),
+    *[("sp_jobs_core:delta_job", {"L": 16, "cu": cu}) for cu in (None, *PACKINGS)],
+    ("sp_jobs_core:delta_job", {"L": 16, "gated": False}),
+    ("sp_jobs_core:delta_job", {"L": 16, "gated": False, "cu": PACKINGS[1]}),
+    *[("sp_jobs_core:conv_routed_job", {"L": 16, "cu": cu}) for cu in (None, *PACKINGS)],
+    ("sp_jobs_core:conv_routed_job", {"L": 16, "W": 2, "cu": PACKINGS[0]}),
+]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_routed_kernels_match_one_process(world, tmp_path):
+    """selective_scan, chunk_gla (and ssd through it), chunk_delta_rule and causal_conv1d called under
+    ``sequence_parallel``: outputs and the gradients of every input (weights summed over the group) equal one process."""
+    results = run_ranks(ROUTED, world=world, tmp=tmp_path, timeout=150)
+    for (job, kw), per_rank in zip(ROUTED, results):
+        for rank, res in enumerate(per_rank):
+            for key in res:
+                if not key.endswith("_ref"):
+                    torch.testing.assert_close(res[key], res[key + "_ref"], rtol=1e-10, atol=1e-10,
+                                               msg=f"{job} {kw} rank {rank}/{world} {key}")

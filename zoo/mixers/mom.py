@@ -23,6 +23,7 @@ routing choices held fixed, bf16 is within 2% of fp32 (tests/test_bf16.py).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal
 
@@ -35,6 +36,7 @@ from zoo.mixers.base import RecurrentMixer, State
 from zoo.nn import GatedRMSNorm, ShortConv
 from zoo.nn.init import dt_bias_init
 from zoo.packing import count_ids, seq_ids
+from zoo.parallel import sequence
 from zoo.registry import register_mixer
 
 MEMORIES = ("gated_delta", "gla")
@@ -182,11 +184,57 @@ class MoM(RecurrentMixer):
             o = self.o_norm(o.flatten(-2), z.to(o.dtype))
         return self.o_proj(o.to(x.dtype))
 
-    def _aux(self, probs: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
-        """Switch load-balancing loss ``scale * M * sum_m f_m P_m`` (f: routed fraction, P: mean probability)."""
+    def _aux(self, probs: torch.Tensor, top_i: torch.Tensor, shard=None) -> torch.Tensor:
+        """Switch load-balancing loss ``scale * M * sum_m f_m P_m`` (f: routed fraction, P: mean probability).
+
+        Under sequence parallelism (``shard``) f and P are the whole sequence group's, from one all-reduce of the
+        routed counts, the token count and the probability sums; each rank back-propagates its own tokens' share.
+        """
         M = self.n_memories
-        frac = count_ids(top_i.reshape(-1), M).float() / top_i.numel()
-        return self.aux_loss_scale * M * (frac * probs.mean(0)).sum()
+        if shard is None:
+            frac = count_ids(top_i.reshape(-1), M).float() / top_i.numel()
+            return self.aux_loss_scale * M * (frac * probs.mean(0)).sum()
+        counts = count_ids(top_i.reshape(-1), M).to(probs.dtype)
+        stats = sequence.sum_across(torch.cat([counts, probs.new_tensor([probs.shape[0]]), probs.sum(0)]), shard)
+        counts, n, psum = stats[:M], stats[M], stats[M + 1 :]
+        return self.aux_loss_scale * M * (counts / (n * self.top_k) * psum / n).sum()
+
+    def _q_halo(self, q_in: torch.Tensor, shard, B: int, N: int) -> torch.Tensor:
+        """Sequence parallelism: the q conv's inputs before this slice ``(N, E, W-1)`` (for its first document)."""
+        halo = sequence.halo_before(q_in.reshape(B, -1, q_in.shape[-1]), self.conv_size - 1, shard, dim=1)
+        halo = halo.transpose(1, 2)  # (B, E, W-1): every row continues (unpacked) or the first document (packed)
+        return torch.cat([halo, halo.new_zeros(N - B, *halo.shape[1:])])
+
+    def _kv_convs_sp(self, kv_convs, counts: torch.Tensor, N: int, shard, dtype: torch.dtype):
+        """Sequence parallelism: every memory's k/v conv continued from the inputs routed to it on earlier ranks.
+
+        A memory's conv state (its last W-1 routed inputs) after a slice is linear in the state before it: shifted
+        up by the ``counts (N * S,)`` of inputs routed to it there (a W-1 x W-1 shift matrix), plus the slice's own
+        last inputs -- LASP-2 with matrix transitions, over ``N * S`` rows (document-major).
+        """
+        S, W1, E = self.n_slots, self.conv_size - 1, 2 * self.n_heads * self.head_dim
+        if W1 == 0:
+            return kv_convs(counts.new_zeros(N, S, E, 0, dtype=dtype))
+        cin, cout = sequence.carry_rows(shard, N)
+
+        def rows(r):
+            return None if r is None else (r.to(counts.device)[:, None] * S + torch.arange(S, device=counts.device)).reshape(-1)
+
+        def run(init):  # (N * S, W-1, E) or None -> the convs' outputs and final states in that layout
+            prev = counts.new_zeros(N, S, E, W1, dtype=dtype) if init is None else init.transpose(1, 2).reshape(N, S, E, W1)
+            kvs, states = kv_convs(prev)
+            return kvs, states.reshape(N * S, E, W1).transpose(1, 2)
+
+        def transition(carry_in):
+            i = torch.arange(W1, device=counts.device)
+            shift = (i[None, None, :] == i[None, :, None] + counts[:, None, None]).to(dtype)  # (N * S, W-1, W-1)
+            keep = torch.zeros(N * S, dtype=torch.bool, device=counts.device)
+            if carry_in is not None:
+                keep[carry_in] = True
+            return shift * keep[:, None, None].to(dtype)
+
+        kvs, states = sequence.lasp(run, transition, carry_in=rows(cin), carry_out=rows(cout), shard=shard, matrix=True)
+        return kvs, states.transpose(1, 2).reshape(N, S, E, W1)
 
     # ----- the block interface -----------------------------------------------------------------------
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
@@ -230,8 +278,9 @@ class MoM(RecurrentMixer):
         xr, seq_r = x.reshape(B * L, D)[real], seq[real]  # (R, D): padded tokens touch no memory
         R = xr.shape[0]
 
+        shard = sequence.active()
         probs, top_i, top_w = self._route(xr)
-        self.aux_loss = self._aux(probs, top_i) if self.training and R > 0 else None
+        self.aux_loss = self._aux(probs, top_i, shard) if self.training and R > 0 else None
         tok = torch.arange(R, device=dev)
         slot = top_i.reshape(-1)
         tok_a, w_a = tok.repeat_interleave(self.top_k), top_w.reshape(-1)
@@ -249,33 +298,57 @@ class MoM(RecurrentMixer):
         per_slot = count_ids(slot, S).tolist()  # data-dependent split sizes: the one graph break under compile
         kv_rows = [(rows, F.linear(xr[rows], self.kv_weight[m]), F.linear(xr[rows], self.gate_weight[m]))
                    for m, rows in enumerate(torch.split(tok_a, per_slot))]
-        with _fp32_region(dev):
-            q, conv_q = _segment_conv(q_in.to(ct), seq_r, N, state["conv_q"], self.q_conv.weight, self.q_conv.bias,
+        # Under sequence parallelism the kernels run on this slice (sequence.local) and the states and halos that
+        # reach across slice edges are exchanged here: the q conv's halo, every memory's conv and memory state.
+        with _fp32_region(dev), (sequence.local() if shard is not None else contextlib.nullcontext()):
+            prev_q = state["conv_q"] if shard is None else self._q_halo(q_in, shard, B, N)
+            q, conv_q = _segment_conv(q_in.to(ct), seq_r, N, prev_q, self.q_conv.weight, self.q_conv.bias,
                                      self.kernel_backend("causal_conv1d"))
             q = F.normalize(q.unflatten(-1, (H, K)), dim=-1)  # (R, H, K)
-            kvs, conv_kv = [], []
-            for m, (rows, kv_in, _) in enumerate(kv_rows):
-                kv, c = _segment_conv(kv_in.to(ct), seq_r[rows], N, state["conv_kv"][:, m], self.kv_conv_weight[m],
-                                      self.kv_conv_bias[m], self.kernel_backend("causal_conv1d"))
-                kvs.append(kv)
-                conv_kv.append(c)
+
+            def kv_convs(prev):  # prev (N, S, 2*H*K, W-1) -> every memory's conv outputs, final states like prev
+                kvs, finals = [], []
+                for m, (rows, kv_in, _) in enumerate(kv_rows):
+                    kv, c = _segment_conv(kv_in.to(ct), seq_r[rows], N, prev[:, m], self.kv_conv_weight[m],
+                                          self.kv_conv_bias[m], self.kernel_backend("causal_conv1d"))
+                    kvs.append(kv)
+                    finals.append(c)
+                return kvs, torch.stack(finals, 1)
+
+            if shard is None:
+                kvs, conv_kv = kv_convs(state["conv_kv"])
+            else:
+                kvs, conv_kv = self._kv_convs_sp(kv_convs, count_ids(seq_r[tok_a] * S + slot, N * S), N, shard, ct)
             gates = torch.cat([gt for _, _, gt in kv_rows])
             k, v, beta, g = self._memory_inputs(torch.cat(kvs), gates, slot)  # (A, H, K), (A, H)
             cu_r = F.pad(count_ids(slot * N + seq_r[tok_a], S * N).cumsum(0), (1, 0))
-            h0 = state["memory"].transpose(0, 1).reshape(S * N, H, K, K)  # sequences ordered memory-major
-            kw = dict(initial_state=h0, output_final_state=return_state, cu_seqlens=cu_r, chunk_size=self.chunk_size,
+            kw = dict(output_final_state=return_state, cu_seqlens=cu_r, chunk_size=self.chunk_size,
                       backend=self.kernel_backend("chunk_delta_rule" if self.memory == "gated_delta" else "chunk_gla"))
+            if shard is None:
+                kw["initial_state"] = state["memory"].transpose(0, 1).reshape(S * N, H, K, K)  # memory-major
+                delta_rule, gla = chunk_delta_rule, chunk_gla
+            else:  # each memory's state composed across ranks: one stream per (memory, continued document)
+                from zoo.parallel.kernels import chunk_delta_rule_sp, chunk_gla_sp
+
+                cin, cout = sequence.carry_rows(shard, N)
+                slots = torch.arange(S)[:, None] * N
+
+                def memory_rows(r):
+                    return None if r is None else (slots + r[None]).reshape(-1)
+
+                kw.update(scale=None, initial_state=None, shard=shard, carry=(memory_rows(cin), memory_rows(cout)))
+                delta_rule, gla = chunk_delta_rule_sp, chunk_gla_sp
             if self.memory == "gated_delta":
-                o, hT = chunk_delta_rule(q[tok_a][None], k[None], v[None], beta[None], g[None], **kw)
+                o, hT = delta_rule(q[tok_a][None], k[None], v[None], beta[None], g[None], **kw)
             else:
-                o, hT = chunk_gla(q[tok_a][None], k[None], v[None], g[None], **kw)
+                o, hT = gla(q[tok_a][None], k[None], v[None], g[None], **kw)
             o = o[0] * w_a[:, None, None].to(o.dtype)  # (A, H, V)
             y = o.new_zeros(R, H, K).index_add(0, tok_a, o)  # mix the memories' readouts per token
         out = x.new_zeros(B * L, D).index_copy(0, real, self._output(xr, y))
         new = None
         if return_state:
             sd = state["conv_q"].dtype  # conv states hold projection outputs: exact in the activations' dtype
-            new = {"memory": hT.reshape(S, N, H, K, K).transpose(0, 1), "conv_kv": torch.stack(conv_kv, 1).to(sd),
+            new = {"memory": hT.reshape(S, N, H, K, K).transpose(0, 1), "conv_kv": conv_kv.to(sd),
                    "conv_q": conv_q.to(sd)}
         return out.reshape(B, L, D), new
 

@@ -26,6 +26,7 @@ from zoo.kernels import chunk_gla
 from zoo.mixers.base import RecurrentMixer, State
 from zoo.nn import rotate_half
 from zoo.packing import from_padded_batch, packed_index, seq_ids, seq_index, to_padded_batch
+from zoo.parallel import sequence
 from zoo.registry import register_mixer
 
 MODES = ("chunk", "parallel")
@@ -122,7 +123,11 @@ class RetNet(RecurrentMixer):
         B, L, _ = x.shape
         n = B if cu_seqlens is None else cu_seqlens.numel() - 1
         offset = state["pos"] if state is not None else torch.zeros(n, dtype=torch.long, device=x.device)
-        if cu_seqlens is not None:
+        shard = sequence.active()
+        if shard is not None:  # a slice of the sequence: positions count from its document's start on an earlier rank
+            pos = shard.positions(x.device)[None].expand(B, L)
+            counts = torch.zeros_like(offset)  # unused: the model refuses a cache under sequence parallelism
+        elif cu_seqlens is not None:
             pos = (seq_index(cu_seqlens, L) + offset[seq_ids(cu_seqlens, L)])[None]  # (1, L)
             counts = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         elif mask is not None:
@@ -144,6 +149,11 @@ class RetNet(RecurrentMixer):
                 q, k, v, g, scale=1.0, initial_state=S0, output_final_state=return_state,
                 cu_seqlens=cu_seqlens, chunk_size=self.chunk_size, backend=self.kernel_backend("chunk_gla"),
             )
+        elif shard is not None:  # the quadratic form on the slice, its state composed across ranks (LASP-2)
+            from zoo.parallel.kernels import gla_lasp
+
+            o, S = gla_lasp(lambda init: self._parallel(q, k, v, g, init, cu_seqlens), g, cu_seqlens=cu_seqlens,
+                            shard=shard)
         else:
             o, S = self._parallel(q, k, v, g, S0, cu_seqlens)
         y = self._out(o, x)

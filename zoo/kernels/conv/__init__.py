@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from zoo.kernels._dispatch import CUDA_PACKAGES, resolve_backend
 from zoo.packing import seq_index, validate_cu_seqlens
+from zoo.parallel import sequence
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
 
@@ -66,6 +67,11 @@ def causal_conv1d(
     W = weight.shape[1]
     if initial_states is not None and tuple(initial_states.shape) != (Bsz, E, W - 1):
         raise ValueError(f"causal_conv1d: initial_states must be (B, E, W-1) = {(Bsz, E, W - 1)}; got {tuple(initial_states.shape)}.")
+    if (shard := sequence.active()) is not None:  # one sequence split across ranks
+        from zoo.parallel.kernels import causal_conv1d_sp
+
+        return causal_conv1d_sp(x, weight, bias, activation, initial_states=initial_states, cu_seqlens=cu_seqlens,
+                                return_final_states=return_final_states, backend=backend, shard=shard)
     pos = None
     if cu_seqlens is not None:
         if Bsz != 1 or initial_states is not None or return_final_states:

@@ -7,6 +7,7 @@ import torch
 from zoo.kernels._dispatch import resolve_backend
 from zoo.kernels.delta_rule.chunked import chunk_delta_rule_torch
 from zoo.packing import validate_cu_seqlens
+from zoo.parallel import sequence
 
 __all__ = ["chunk_delta_rule"]
 
@@ -61,6 +62,12 @@ def chunk_delta_rule(
     Backends: "torch" (chunked, autograd), "triton" (fused forward and backward kernels), None = auto.
     """
     _check(q, k, v, beta, g, initial_state, cu_seqlens, chunk_size)
+    if (shard := sequence.active()) is not None:  # one sequence split across ranks
+        from zoo.parallel.kernels import chunk_delta_rule_sp
+
+        return chunk_delta_rule_sp(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+                                   output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                                   backend=backend, shard=shard)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = resolve_backend(backend, q, op="chunk_delta_rule")
     if backend == "cuda":

@@ -15,6 +15,7 @@ import torch
 from zoo.kernels._dispatch import resolve_backend
 from zoo.kernels.gla.chunked import gla_chunked
 from zoo.packing import from_padded_batch, packed_index, to_padded_batch, validate_cu_seqlens
+from zoo.parallel import sequence
 
 __all__ = ["chunk_gla"]
 
@@ -64,6 +65,11 @@ def chunk_gla(
     None unless ``output_final_state``).
     """
     _check(q, k, v, g, initial_state, cu_seqlens, chunk_size)
+    if (shard := sequence.active()) is not None:  # one sequence split across ranks
+        from zoo.parallel.kernels import chunk_gla_sp
+
+        return chunk_gla_sp(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                            cu_seqlens=cu_seqlens, chunk_size=chunk_size, backend=backend, shard=shard)
     backend = resolve_backend(backend, q, op="chunk_gla")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     packed = cu_seqlens is not None

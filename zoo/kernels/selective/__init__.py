@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from zoo.kernels._dispatch import CUDA_PACKAGES, compute_dtype, resolve_backend
 from zoo.packing import validate_cu_seqlens
+from zoo.parallel import sequence
 
 __all__ = ["selective_scan", "selective_state_update"]
 
@@ -67,6 +68,11 @@ def selective_scan(
     scans packed sequences (batch 1) with the state reset at every sequence start.
     """
     _check(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, return_last_state)
+    if (shard := sequence.active()) is not None:  # one sequence split across ranks
+        from zoo.parallel.kernels import selective_scan_sp
+
+        return selective_scan_sp(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend,
+                                 initial_state=initial_state, cu_seqlens=cu_seqlens, shard=shard)
     backend = resolve_backend(backend, u, op="selective_scan", cuda_package=CUDA_PACKAGES["selective_scan"])
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if backend == "torch":

@@ -31,12 +31,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ZOO_MODELS = ("mamba", "mamba2", "retnet", "samba")
 HF_MODELS = ("hf-mamba2", "hf-llama")
-#: setting name -> (loss_chunk_size, mlp_chunk_size, activation checkpointing, CPU offload)
+#: setting name -> (loss_chunk_size, mlp_chunk_size, activation checkpointing, CPU offload, checkpoint_chunk_size)
 ZOO_SETTINGS = {
-    "plain": (0, 0, False, False),
-    "tiled": (1024, 4096, False, False),
-    "tiled+ckpt": (1024, 4096, True, False),
-    "tiled+ckpt+offload": (1024, 4096, True, True),  # CUDA only
+    "plain": (0, 0, False, False, 0),
+    "tiled": (1024, 4096, False, False, 0),
+    "tiled+ckpt-blocks": (1024, 4096, True, False, 0),  # checkpointing recomputes whole blocks
+    "tiled+ckpt": (1024, 4096, True, False, 4096),  # ... recurrent blocks in sequence tiles of 4096 tokens
+    "tiled+ckpt+offload": (1024, 4096, True, True, 4096),  # CUDA only
 }
 HF_SETTINGS = ("plain", "ckpt")
 DEFAULT_LENGTHS = [4096, 8192, 16384, 32768, 65536, 131072, 262144]
@@ -69,7 +70,7 @@ def build(name: str, setting: str, *, d_model: int, n_layers: int, vocab: int, m
 
     from zoo.models import ZooConfig, ZooForCausalLM
 
-    loss_chunk, mlp_chunk, ckpt, offload = ZOO_SETTINGS[setting]
+    loss_chunk, mlp_chunk, ckpt, offload, ckpt_chunk = ZOO_SETTINGS[setting]
     heads = max(d_model // 64, 1)
     layouts = {
         "mamba": (["mamba"], {"mamba": {"d_state": 16, "expand": 2}}, "none"),
@@ -80,7 +81,7 @@ def build(name: str, setting: str, *, d_model: int, n_layers: int, vocab: int, m
     }
     pattern, mixers, mlp = layouts[name]
     cfg = ZooConfig(vocab_size=vocab, d_model=d_model, n_layers=n_layers, pattern=pattern, mixers=mixers, mlp=mlp,
-                    loss_chunk_size=loss_chunk, mlp_chunk_size=mlp_chunk)
+                    loss_chunk_size=loss_chunk, mlp_chunk_size=mlp_chunk, checkpoint_chunk_size=ckpt_chunk)
     model = ZooForCausalLM(cfg).train()
     if ckpt:
         model.gradient_checkpointing_enable(offload=offload)

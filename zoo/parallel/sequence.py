@@ -24,7 +24,6 @@ the same on every rank), which is what keeps the forward and the backward free o
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -112,18 +111,21 @@ class SequenceShard:
         return x.narrow(dim, self.start, self.length)
 
 
-_ACTIVE: contextvars.ContextVar[SequenceShard | None] = contextvars.ContextVar("zoo_sequence_shard", default=None)
-_LOCAL: contextvars.ContextVar[bool] = contextvars.ContextVar("zoo_sequence_local", default=False)
+# The enclosing shard and whether a wrapper runs the plain kernel, as module globals (not ContextVars) so that
+# torch.compile traces ``active()`` as a guarded constant. A training process runs one forward at a time.
+_ACTIVE: SequenceShard | None = None
+_LOCAL: bool = False
 
 
 @contextlib.contextmanager
 def sequence_parallel(shard: SequenceShard | None) -> Iterator[SequenceShard | None]:
     """Run the enclosed model forward (and kernels) sequence-parallel over ``shard`` (None: a plain run)."""
-    token = _ACTIVE.set(shard)
+    global _ACTIVE
+    previous, _ACTIVE = _ACTIVE, shard
     try:
         yield shard
     finally:
-        _ACTIVE.reset(token)
+        _ACTIVE = previous
 
 
 def active() -> SequenceShard | None:
@@ -131,8 +133,8 @@ def active() -> SequenceShard | None:
 
     None also inside :func:`local` (a wrapper calling the plain kernel on its own slice).
     """
-    shard = _ACTIVE.get()
-    if shard is None or shard.size == 1 or _LOCAL.get():
+    shard = _ACTIVE
+    if shard is None or shard.size == 1 or _LOCAL:
         return None
     return shard
 
@@ -140,11 +142,12 @@ def active() -> SequenceShard | None:
 @contextlib.contextmanager
 def local() -> Iterator[None]:
     """Kernels called inside run on this rank's slice only (what the sequence-parallel wrappers use)."""
-    token = _LOCAL.set(True)
+    global _LOCAL
+    previous, _LOCAL = _LOCAL, True
     try:
         yield
     finally:
-        _LOCAL.reset(token)
+        _LOCAL = previous
 
 
 # --- collectives with autograd ----------------------------------------------------------------------------------

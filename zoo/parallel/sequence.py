@@ -34,7 +34,7 @@ from zoo.packing import seq_ids, validate_cu_seqlens
 
 __all__ = [
     "SequenceShard", "sequence_parallel", "active", "local", "slice_bounds", "all_gather", "halo_before",
-    "halo_after", "carry_rows", "lasp", "next_token_targets", "group_mean_loss", "sum_across",
+    "halo_after", "carry_rows", "lasp", "COMM", "reset_comm", "next_token_targets", "group_mean_loss", "sum_across",
 ]
 
 
@@ -152,6 +152,19 @@ def local() -> Iterator[None]:
 
 # --- collectives with autograd ----------------------------------------------------------------------------------
 
+#: Bytes moved by this process's sequence-parallel exchanges since the last :func:`reset_comm` (forward and backward):
+#: ``all_gather`` counts what a rank receives, ``p2p`` what it sends; the benchmark reads them per layer.
+COMM: dict[str, int] = {"all_gather": 0, "p2p": 0, "all_to_all": 0}
+
+
+def reset_comm() -> dict[str, int]:
+    """Zero the byte counters; returns their values before."""
+    before = dict(COMM)
+    for k in COMM:
+        COMM[k] = 0
+    return before
+
+
 
 class _AllGather(torch.autograd.Function):
     """Forward: ``(P, *x.shape)`` stack of every rank's ``x``. Backward: the sum over ranks of the gradient of ours."""
@@ -162,12 +175,14 @@ class _AllGather(torch.autograd.Function):
         x = x.contiguous()
         out = [torch.empty_like(x) for _ in range(size)]
         dist.all_gather(out, x, group=group)
+        COMM["all_gather"] += x.numel() * x.element_size() * size  # bytes this rank receives (its own included)
         return torch.stack(out)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
+        COMM["all_gather"] += grad.numel() * grad.element_size()  # the all-reduce of the gathered gradients
         return grad[ctx.rank], None, None, None
 
 
@@ -187,26 +202,67 @@ def _halo_keep(shard: SequenceShard, idx: torch.Tensor, anchor: int, device) -> 
     return inside & (docs[idx.clamp(0, shard.total - 1)] == docs[anchor])
 
 
+def _global_rank(shard: SequenceShard, r: int) -> int:
+    return r if shard.group is None else dist.get_global_rank(shard.group, r)
+
+
+class _Shift(torch.autograd.Function):
+    """Each rank receives ``x`` from its neighbour ``rank - step`` (zeros where none): point-to-point, with autograd.
+
+    ``step`` +1 passes a slice's tail to the next rank, -1 a slice's head to the previous one; the backward sends
+    the gradient the other way.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, shard: SequenceShard, step: int) -> torch.Tensor:
+        ctx.shard, ctx.step = shard, step
+        return _exchange(x.contiguous(), shard, step)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _exchange(grad.contiguous(), ctx.shard, -ctx.step), None, None
+
+
+def _exchange(x: torch.Tensor, shard: SequenceShard, step: int) -> torch.Tensor:
+    out = torch.zeros_like(x)
+    to, frm = shard.rank + step, shard.rank - step
+    ops = []
+    if 0 <= to < shard.size:
+        ops.append(dist.P2POp(dist.isend, x, _global_rank(shard, to), shard.group))
+        COMM["p2p"] += x.numel() * x.element_size()
+    if 0 <= frm < shard.size:
+        ops.append(dist.P2POp(dist.irecv, out, _global_rank(shard, frm), shard.group))
+    for req in dist.batch_isend_irecv(ops) if ops else []:
+        req.wait()
+    return out
+
+
+def _shift(x: torch.Tensor, shard: SequenceShard, step: int) -> torch.Tensor:
+    if x.is_complex():
+        return torch.view_as_complex(_Shift.apply(torch.view_as_real(x), shard, step))
+    return _Shift.apply(x, shard, step)
+
+
 def halo_before(x: torch.Tensor, n: int, shard: SequenceShard, dim: int = 1) -> torch.Tensor:
     """The ``n`` tokens before this slice along ``dim`` (the previous ranks' last inputs), zeros where there are none.
 
     Positions before the sequence start or in another document than this slice's first token are zeros, so a
-    convolution that prepends the halo reaches back exactly as in the unsplit sequence. ``n`` may exceed the slice
-    length (the halo then spans several ranks). Differentiable: the halo's gradient goes back to its owner.
+    convolution that prepends the halo reaches back exactly as in the unsplit sequence. Differentiable: the halo's
+    gradient goes back to its owner. ``n`` up to the slice length is one point-to-point exchange with the previous
+    rank (``n`` values per channel); a longer halo spans several ranks and is all-gathered.
     """
     if n == 0:
         return x.narrow(dim, 0, 0)
-    m = min(n, shard.length)
-    tails = all_gather(x.narrow(dim, shard.length - m, m), shard)  # (P, ..., m, ...)
-    d = dim % x.dim() + 1
-    flat = torch.cat(list(tails.unbind(0)), dim=d - 1)  # every rank's tail, in token order
     idx = torch.arange(shard.start - n, shard.start, device=x.device)  # global indices wanted
-    owner, off = idx.div(shard.length, rounding_mode="floor"), idx % shard.length
-    pos = (owner.clamp(0, shard.size - 1) * m + off - (shard.length - m)).clamp(0, shard.size * m - 1)
-    keep = _halo_keep(shard, idx, shard.start, x.device) & (off >= shard.length - m)
-    out = flat.index_select(dim, pos)
+    keep = _halo_keep(shard, idx, shard.start, x.device)
     shape = [1] * x.dim()
     shape[dim] = n
+    if n <= shard.length:
+        out = _shift(x.narrow(dim, shard.length - n, n), shard, +1)
+        return out * keep.view(shape).to(out.dtype)
+    tails = all_gather(x, shard)  # (P, ..., length, ...): the halo reaches back over whole slices
+    flat = torch.cat(list(tails.unbind(0)), dim=dim % x.dim())
+    out = flat.index_select(dim, idx.clamp(0, shard.total - 1))
     return out * keep.view(shape).to(out.dtype)
 
 
@@ -214,16 +270,16 @@ def halo_after(x: torch.Tensor, n: int, shard: SequenceShard, dim: int = 1) -> t
     """The ``n`` tokens after this slice along ``dim`` (the next ranks' first inputs), zeros where there are none."""
     if n == 0:
         return x.narrow(dim, 0, 0)
-    m = min(n, shard.length)
-    heads = all_gather(x.narrow(dim, 0, m), shard)  # (P, ..., m, ...)
-    flat = torch.cat(list(heads.unbind(0)), dim=dim % x.dim())
     idx = torch.arange(shard.end, shard.end + n, device=x.device)
-    owner, off = idx.div(shard.length, rounding_mode="floor"), idx % shard.length
-    pos = (owner.clamp(0, shard.size - 1) * m + off).clamp(0, shard.size * m - 1)
-    keep = _halo_keep(shard, idx, shard.end - 1, x.device) & (off < m)
-    out = flat.index_select(dim, pos)
+    keep = _halo_keep(shard, idx, shard.end - 1, x.device)
     shape = [1] * x.dim()
     shape[dim] = n
+    if n <= shard.length:
+        out = _shift(x.narrow(dim, 0, n), shard, -1)
+        return out * keep.view(shape).to(out.dtype)
+    heads = all_gather(x, shard)
+    flat = torch.cat(list(heads.unbind(0)), dim=dim % x.dim())
+    out = flat.index_select(dim, idx.clamp(0, shard.total - 1))
     return out * keep.view(shape).to(out.dtype)
 
 

@@ -341,11 +341,11 @@ def plot(todo: list[Entry], path: Path, args) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 6))
-    for e in [x for t in todo for x in (t, t.peer) if x is not None and x.plot]:
+    for i, e in enumerate([x for t in todo for x in (t, t.peer) if x is not None and x.plot]):
         Ls = sorted(e.plot)
         ts = [statistics.median(e.plot[L]) for L in Ls]
         slope = _slope(Ls, ts)
-        ax.plot(Ls, ts, marker="o", linestyle="-" if e.zoo else "--", label=f"{e.name} (slope {slope:.2f})")
+        ax.plot(Ls, ts, marker="o", color=plt.cm.tab20(i % 20), linestyle="-" if e.zoo else "--", label=f"{e.name} (slope {slope:.2f})")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length L")

@@ -143,13 +143,10 @@ class Mamba(RecurrentMixer):
         """
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, E) each
         window = torch.cat([state["conv"], xs.to(state["conv"].dtype)[..., None]], dim=-1)  # (B, E, d_conv)
-        w = self.conv1d.weight.to(xs.dtype)  # (E, 1, d_conv): the conv at the newest position is a batched dot
-        taps = window.to(xs.dtype).transpose(0, 1)  # (E, B, d_conv)
-        if self.conv1d.bias is None:
-            xc = torch.bmm(taps, w.transpose(1, 2))  # (E, B, 1)
-        else:
-            xc = torch.baddbmm(self.conv1d.bias.to(xs.dtype)[:, None, None], taps, w.transpose(1, 2))
-        xc = F.silu(xc[..., 0].t())  # (B, E)
+        xc = torch.linalg.vecdot(window.to(xs.dtype), self.conv1d.weight[:, 0].to(xs.dtype))  # conv at the newest token
+        if self.conv1d.bias is not None:
+            xc = xc + self.conv1d.bias.to(xs.dtype)
+        xc = F.silu(xc)  # (B, E)
         dt, Bm, Cm = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         f = torch.float64 if state["ssm"].dtype == torch.float64 else torch.float32
         if dt.dtype == f:
@@ -159,7 +156,7 @@ class Mamba(RecurrentMixer):
         xf = xc.to(f)
         # h = exp(dt A) h + (dt x) B, A = -exp(A_log);  y = C . h + D x, gated by silu(z)
         dA = torch.exp(dt[..., None] * -torch.exp(self.A_log.to(f)))  # (B, E, N)
-        h = torch.baddbmm(dA * state["ssm"].to(f), (dt * xf)[..., None], Bm.to(f)[:, None])
+        h = torch.addcmul(dA * state["ssm"].to(f), (dt * xf)[..., None], Bm.to(f)[:, None])
         y = torch.addcmul(torch.bmm(h, Cm.to(f)[..., None])[..., 0], xf, self.D.to(f))
         y = y * F.silu(z.to(f))
         return self.out_proj(y.to(x.dtype)), {"conv": window[..., 1:], "ssm": h.to(state["ssm"].dtype)}

@@ -249,17 +249,18 @@ def _resolve(args) -> None:
             setattr(args, k, v)
 
 
-def _round(entry: Entry, ids, prompt, dec_prompt, args, device) -> None:
-    """One timed run of each measurement of ``entry`` (its model is built)."""
+def _round(entry: Entry, ids, prompt, dec_prompt, args, device, *, train: bool = True) -> None:
+    """One timed run of each measurement of ``entry`` (its model is built); ``train=False`` skips the training step."""
     t = entry.times
-    t.setdefault("train", []).append(timed(lambda: train_step(entry.model, ids), device))
+    if train:
+        t.setdefault("train", []).append(timed(lambda: train_step(entry.model, ids), device))
     t.setdefault("prefill", []).append(timed(lambda: prefill(entry, prompt), device))
     if not entry.zoo or all(b.mixer.has_step for b in entry.model.model.layers):
         t.setdefault("decode", []).append(decode(entry, dec_prompt, args.decode_tokens, device))
 
 
 def run(args) -> list[Entry]:
-    device, _ = setup(args)
+    device, dtype = setup(args)
     torch.manual_seed(0)
     todo = entries(args)
     every = [x for e in todo for x in (e, e.peer) if x is not None]
@@ -269,9 +270,9 @@ def run(args) -> list[Entry]:
     dec_prompt = prompt[:, : args.decode_prompt]
     for e in every:  # build and warm up every model first
         try:
-            e.model = e.build().to(device)
-            for _ in range(args.warmup):
-                _round(e, ids, prompt, dec_prompt, args, device)
+            e.model = e.build().to(device=device, dtype=dtype)
+            for _ in range(args.warmup):  # (a peer's training step is not warmed up: transformers' Mamba takes minutes)
+                _round(e, ids, prompt, dec_prompt, args, device, train=e.zoo)
             e.times.clear()
         except Exception as err:  # one model that cannot run here must not take the table down
             e.error, e.model = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}", None
@@ -279,7 +280,7 @@ def run(args) -> list[Entry]:
     live = [e for e in every if e.model is not None]
     for r in range(args.repeats):  # interleaved: each repeat times every model once
         for e in live:
-            _round(e, ids, prompt, dec_prompt, args, device)
+            _round(e, ids, prompt, dec_prompt, args, device, train=e.zoo or r < args.peer_train_repeats)
         print(f"repeat {r + 1}/{args.repeats} done", flush=True)
     for e in live:
         e.peak_mib = peak_train_mib(e.model, ids, device)
@@ -288,10 +289,10 @@ def run(args) -> list[Entry]:
     if args.plot:
         for L in args.plot_lengths:
             x = torch.randint(0, args.vocab, (args.plot_batch, L), generator=gen).to(device)
-            for e in live:
+            for e in [e for e in live if e.zoo or args.plot_peers]:
                 train_step(e.model, x)  # warm-up at this length
             for _ in range(args.repeats):
-                for e in live:
+                for e in [e for e in live if e.zoo or args.plot_peers]:
                     e.plot.setdefault(L, []).append(timed(lambda: train_step(e.model, x), device))
             print(f"plot: L={L} done", flush=True)
     return todo
@@ -388,6 +389,9 @@ def main(argv: list[str] | None = None) -> list[list]:
     ap.add_argument("--plot", type=Path, default=None, metavar="FILE", help="also sweep --plot-lengths and write a PNG")
     ap.add_argument("--plot-lengths", type=int, nargs="+", default=None)
     ap.add_argument("--plot-batch", type=int, default=1)
+    ap.add_argument("--plot-peers", action="store_true", help="also sweep the peers (transformers' Mamba is slow at long L)")
+    ap.add_argument("--peer-train-repeats", type=int, default=1,
+                    help="timed training steps of each peer (default 1, no warm-up: transformers' Mamba takes minutes)")
     args = ap.parse_args(argv)
     _resolve(args)
     if args.decode_prompt > args.length:
@@ -395,7 +399,8 @@ def main(argv: list[str] | None = None) -> list[list]:
     todo = run(args)
     header, rows = table(todo, args)
     missing = [desc for mod, desc in OPTIONAL_PEERS.items() if importlib.util.find_spec(mod) is None]
-    device, dtype = torch.device(args.device), "bfloat16" if args.device.startswith("cuda") else "float32"
+    device = torch.device(args.device)
+    dtype = str(setup(args)[1]).removeprefix("torch.")
     record(
         "All architectures: training, prefill, decode, memory and state, with peers",
         header, rows, device=device, path=args.record,
@@ -409,10 +414,12 @@ def main(argv: list[str] | None = None) -> list[list]:
             f"{args.warmup} warm-up; peak train MiB = peak allocation of one training step above what was allocated "
             + ("before it (torch.cuda.max_memory_allocated)" if device.type == "cuda" else
                "before it, from the torch profiler's CPU allocator memory events")
+            + f"; peers' training: {min(args.peer_train_repeats, args.repeats)} timed step(s) without warm-up"
             + f"; state floats/seq = what decoding carries at context {args.length} (zoo: state_size(); peers: their "
             "cache after the prefill); x = zoo / peer (above 1: zoo faster). Peers: transformers' torch paths, fresh "
             "weights, at matched sizes"
-            + (f"; not installed here, so not compared: {', '.join(missing)}" if missing else "") + "."
+            + (f"; not installed here, so not compared: {', '.join(missing)}" if missing else "")
+            + (f"; plot of training-step time vs L: {args.plot}" if args.plot else "") + "."
         ),
     )
     if args.plot:

@@ -28,6 +28,7 @@ The ratio columns are zoo / peer (above 1: zoo is faster). ``--plot FILE`` also 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import json
@@ -283,17 +284,18 @@ def run(args) -> list[Entry]:
             _round(e, ids, prompt, dec_prompt, args, device, train=e.zoo or r < args.peer_train_repeats)
         print(f"repeat {r + 1}/{args.repeats} done", flush=True)
     for e in live:
-        e.peak_mib = peak_train_mib(e.model, ids, device)
+        e.peak_mib = peak_train_mib(e.model, ids, device) if e.zoo else None  # (the table shows zoo's)
         e.state = state_floats(e, args.length, prompt)
         e.layers = _layout(e.model) if e.zoo else str(args.layers)
     if args.plot:
         for L in args.plot_lengths:
             x = torch.randint(0, args.vocab, (args.plot_batch, L), generator=gen).to(device)
-            for e in [e for e in live if e.zoo or args.plot_peers]:
+            swept = [e for e in live if e.zoo or args.plot_peers]
+            for e in swept:
                 train_step(e.model, x)  # warm-up at this length
             for _ in range(args.repeats):
-                for e in [e for e in live if e.zoo or args.plot_peers]:
-                    e.plot.setdefault(L, []).append(timed(lambda: train_step(e.model, x), device))
+                for e in swept:
+                    e.plot.setdefault(L, []).append(timed(functools.partial(train_step, e.model, x), device))
             print(f"plot: L={L} done", flush=True)
     return todo
 

@@ -27,11 +27,11 @@ def test_bench_prints_and_records_only_when_asked(tmp_path, capsys, monkeypatch)
 def test_unknown_benchmark_is_one_sentence(capsys):
     assert main(["bench", "nope"]) == 2
     err = capsys.readouterr().err
-    assert "no benchmark 'nope'; choose one of delta_rule, distributed, gla, hybrid, linear_scan, mamba_cpu" in err
+    assert "no benchmark 'nope'; choose one of all, delta_rule, distributed, gla, hybrid, linear_scan, mamba_cpu" in err
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("name", ["delta_rule", "distributed", "hybrid", "linear_scan", "mamba_cpu"])
+@pytest.mark.parametrize("name", ["all", "delta_rule", "distributed", "hybrid", "linear_scan", "mamba_cpu"])
 def test_every_benchmark_parses_the_shared_options(name, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", name, "--help"])

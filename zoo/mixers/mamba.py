@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+from zoo.kernels import causal_conv1d, selective_scan
 from zoo.mixers.base import RecurrentMixer, State
 from zoo.nn.init import dt_bias_init
 from zoo.packing import last_inputs
@@ -136,15 +136,30 @@ class Mamba(RecurrentMixer):
         return y, {"conv": conv.to(x.dtype), "ssm": ssm}
 
     def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """One token ``x (B, D)`` -> ``y (B, D)`` and the new state."""
+        """One token ``x (B, D)`` -> ``y (B, D)`` and the new state.
+
+        The same arithmetic as ``causal_conv1d_update`` + ``selective_state_update``, written as few fused ops as
+        possible: a decode step is overhead-bound (tiny tensors), so each op saved is time saved.
+        """
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, E) each
-        xc, conv = causal_conv1d_update(xs, state["conv"], self.conv1d.weight[:, 0], self.conv1d.bias, "silu")
-        dt, Bm, Cm = self._ssm_params(xc)
-        A = -torch.exp(_fp32(self.A_log))
-        y, ssm = selective_state_update(
-            state["ssm"], xc, dt, A, Bm, Cm, _fp32(self.D), z, _fp32(self.dt_proj.bias), dt_softplus=True
-        )
-        return self.out_proj(y.to(x.dtype)), {"conv": conv, "ssm": ssm}
+        window = torch.cat([state["conv"], xs.to(state["conv"].dtype)[..., None]], dim=-1)  # (B, E, d_conv)
+        xc = torch.linalg.vecdot(window.to(xs.dtype), self.conv1d.weight[:, 0].to(xs.dtype))  # conv at the newest token
+        if self.conv1d.bias is not None:
+            xc = xc + self.conv1d.bias.to(xs.dtype)
+        xc = F.silu(xc)  # (B, E)
+        dt, Bm, Cm = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        f = torch.float64 if state["ssm"].dtype == torch.float64 else torch.float32
+        if dt.dtype == f:
+            dt = F.softplus(F.linear(dt, self.dt_proj.weight, self.dt_proj.bias.to(f)))  # (B, E)
+        else:
+            dt = F.softplus(F.linear(dt, self.dt_proj.weight).to(f) + self.dt_proj.bias.to(f))
+        xf = xc.to(f)
+        # h = exp(dt A) h + (dt x) B, A = -exp(A_log);  y = C . h + D x, gated by silu(z)
+        dA = torch.exp(dt[..., None] * -torch.exp(self.A_log.to(f)))  # (B, E, N)
+        h = torch.addcmul(dA * state["ssm"].to(f), (dt * xf)[..., None], Bm.to(f)[:, None])
+        y = torch.addcmul(torch.bmm(h, Cm.to(f)[..., None])[..., 0], xf, self.D.to(f))
+        y = y * F.silu(z.to(f))
+        return self.out_proj(y.to(x.dtype)), {"conv": window[..., 1:], "ssm": h.to(state["ssm"].dtype)}
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
         """Zeros: conv ``(B, E, d_conv - 1)`` in ``dtype``, ssm ``(B, E, N)`` in float32."""

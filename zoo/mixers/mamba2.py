@@ -124,23 +124,31 @@ class Mamba2(RecurrentMixer):
         return y, {"conv": conv, "ssm": ssm.to(dt.dtype)}
 
     def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """One token ``x (B, D)`` -> ``y (B, D)``: O(1) conv-state and SSM-state update."""
-        Bsz = x.shape[0]
+        """One token ``x (B, D)`` -> ``y (B, D)``: O(1) conv-state and SSM-state update.
+
+        The arithmetic of ``causal_conv1d_update`` and the SSD recurrence in few fused ops (a decode step is
+        overhead-bound): heads are viewed as ``(ngroups, heads per group)`` so B and C broadcast, never copied.
+        """
+        Bsz, G, N = x.shape[0], self.ngroups, self.d_state
         z, xBC, dt = self._split(self.in_proj(x))
-        xc, conv = kernels.causal_conv1d_update(
-            xBC, state["conv"].to(xBC.dtype), self.conv1d.weight[:, 0], self.conv1d.bias, "silu"
-        )  # (B, conv_dim)
+        window = torch.cat([state["conv"].to(xBC.dtype), xBC[..., None]], dim=-1)  # (B, conv_dim, d_conv)
+        xc = torch.linalg.vecdot(window, self.conv1d.weight[:, 0].to(xBC.dtype))  # the conv at the newest position
+        if self.conv1d.bias is not None:
+            xc = xc + self.conv1d.bias.to(xc.dtype)
+        xc = F.silu(xc)  # (B, conv_dim)
         dt = self._dt(dt)  # (B, H)
-        xs, Bm, Cm = xc.to(dt.dtype).split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        xs = xs.view(Bsz, self.nheads, self.headdim)  # (B, H, P)
-        rep = self.nheads // self.ngroups
-        Bm = Bm.view(Bsz, self.ngroups, self.d_state).repeat_interleave(rep, dim=1)  # (B, H, N)
-        Cm = Cm.view(Bsz, self.ngroups, self.d_state).repeat_interleave(rep, dim=1)
-        dA = torch.exp(dt * -torch.exp(self.A_log.to(dt.dtype)))
-        ssm = state["ssm"].to(dt.dtype) * dA[..., None, None] + (dt[..., None] * xs)[..., None] * Bm[:, :, None, :]  # (B, H, P, N)
-        y = (ssm @ Cm[..., None])[..., 0] + self.D.to(dt.dtype)[:, None] * xs  # (B, H, P)
+        f = dt.dtype
+        xs, Bm, Cm = xc.to(f).split([self.d_inner, G * N, G * N], dim=-1)
+        rep = self.nheads // G
+        xs = xs.view(Bsz, G, rep, self.headdim)  # (B, G, H/G, P)
+        dA = torch.exp(dt * -torch.exp(self.A_log.to(f))).view(Bsz, G, rep, 1, 1)
+        dtx = (dt.view(Bsz, G, rep, 1) * xs)[..., None]  # (B, G, H/G, P, 1)
+        ssm = state["ssm"].to(f).view(Bsz, G, rep, self.headdim, N)
+        ssm = torch.addcmul(ssm * dA, dtx, Bm.view(Bsz, G, 1, 1, N))  # h = exp(dt A) h + dt x B^T
+        y = torch.matmul(ssm, Cm.view(Bsz, G, 1, N, 1))[..., 0]  # (B, G, H/G, P)
+        y = torch.addcmul(y, xs, self.D.to(f).view(G, rep, 1))  # + D x
         y = self.out_proj(self.norm(y.reshape(Bsz, self.d_inner).to(x.dtype), z))
-        return y, {"conv": conv, "ssm": ssm}
+        return y, {"conv": window[..., 1:].to(state["conv"].dtype), "ssm": ssm.view(Bsz, self.nheads, self.headdim, N)}
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
         return {

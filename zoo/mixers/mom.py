@@ -369,7 +369,14 @@ class MoM(RecurrentMixer):
         kv_in = F.linear(x, self.kv_weight.flatten(0, 1)).unflatten(-1, (S, E))[rows, sel]  # (N, k+1, 2*H*K)
         gates = F.linear(x, self.gate_weight.flatten(0, 1)).unflatten(-1, (S, -1))[rows, sel]
         with _fp32_region(x.device):
-            q, conv_q = self.q_conv.step(q_in.to(ct), state["conv_q"])
+            # q's short conv at the newest token inline (a dot over the window; no conv call per decode step)
+            window_q = torch.cat([state["conv_q"].to(ct), q_in.to(ct)[..., None]], -1)  # (N, inner, W)
+            q = torch.linalg.vecdot(window_q, self.q_conv.weight.to(ct))
+            if self.q_conv.bias is not None:
+                q = q + self.q_conv.bias.to(ct)
+            if self.q_conv.activation is not None:
+                q = F.silu(q)
+            conv_q = window_q[..., 1:]
             q = F.normalize(q.unflatten(-1, (H, K)), dim=-1)  # (N, H, K)
             full = torch.cat([state["conv_kv"][rows, sel].to(ct), kv_in.to(ct)[..., None]], -1)  # (N, k+1, E, W)
             kv = F.silu((full * self.kv_conv_weight[sel].to(ct)).sum(-1) + self.kv_conv_bias[sel].to(ct))

@@ -1,0 +1,54 @@
+"""`zoo bench all`: one table with a row per registered mixer, per hybrid config and per peer-matched model."""
+
+from __future__ import annotations
+
+import pytest
+
+import zoo
+from zoo.benchmarks import all as bench_all
+from zoo.cli import main
+
+TINY = ["--quick", "--d-model", "64", "--layers", "2", "--vocab", "64", "--length", "16", "--decode-prompt", "4",
+        "--decode-tokens", "2", "--warmup", "0"]
+
+
+def _rows(out: str) -> dict[str, list[str]]:
+    lines = [ln for ln in out.splitlines() if ln.startswith("| ") and not ln.startswith("| model")]
+    return {cells[0]: cells for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines)}
+
+
+def test_quick_table_has_a_row_per_architecture(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written next to the checkout's docs/
+    png = tmp_path / "plot.png"
+    assert main(["bench", "all", *TINY, "--plot", str(png), "--plot-lengths", "8", "16"]) == 0
+    out = capsys.readouterr().out
+    rows = _rows(out)
+    expected = set(zoo.list_mixers()) | set(bench_all.hybrid_configs()) | {"attention+swiglu (Llama-shaped)"}
+    assert {"samba", "jamba", "mom-attention"} <= set(bench_all.hybrid_configs())
+    assert set(rows) == expected
+    for name, cells in rows.items():
+        assert not any(c.startswith("not run") for c in cells), (name, cells)
+        assert float(cells[3]) > 0 and float(cells[4]) > 0  # training and prefill tokens/s were measured
+    # every causal mixer decodes; the bidirectional ones have no decode column
+    for name in zoo.list_mixers():
+        has_step = zoo.get_mixer(name).has_step and zoo.get_mixer(name).causal
+        assert (rows[name][5] != "-") == has_step, name
+    # the peers ran and each zoo row that has one carries the ratios
+    for name, peer in (("mamba", "MambaForCausalLM"), ("mamba2", "Mamba2ForCausalLM"),
+                       ("attention+swiglu (Llama-shaped)", "LlamaForCausalLM")):
+        assert peer in rows[name][8] and rows[name][10].endswith("x") and rows[name][14].endswith("x"), rows[name]
+    assert "peak train MiB" in out and "torch profiler" in out
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert list(tmp_path.iterdir()) == [png]  # no record without --record
+
+
+def test_only_and_no_peers_select_rows(capsys):
+    assert main(["bench", "all", *TINY, "--no-peers", "--only", "mingru", "samba"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert set(rows) == {"mingru", "samba"}
+    assert rows["mingru"][8] == "-"  # no peer column filled
+
+
+def test_unknown_name_is_one_sentence():
+    with pytest.raises(SystemExit, match="--only: no model named"):
+        bench_all.main([*TINY, "--no-peers", "--only", "nope"])

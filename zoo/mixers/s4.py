@@ -40,8 +40,16 @@ def hippo_legs_nplr(N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
 
     Returns ``(Lambda, P, B, V)``: complex ``(N/2,)`` each and ``V (N, N/2)``, such that with the conjugate
     completion ``Vf = [V, conj(V)]`` the real LegS matrix is ``Vf (diag(Lf) - Pf Pf^*) Vf^*`` and its input
-    vector is ``Vf Bf`` (``Xf = [X, conj(X)]``). Computed in float64.
+    vector is ``Vf Bf`` (``Xf = [X, conj(X)]``). Computed in float64 on the CPU (also when the layer is built on
+    the meta device, as config validation does: the eigenvector selection needs values), then moved to the
+    default device.
     """
+    device = torch.get_default_device()
+    with torch.device("cpu"):
+        return tuple(t.to(device) for t in _hippo_legs_nplr_cpu(N))
+
+
+def _hippo_legs_nplr_cpu(N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n = torch.arange(N, dtype=torch.float64)
     r = torch.sqrt(2 * n + 1)
     A = -torch.tril(r[:, None] * r[None, :], diagonal=-1) - torch.diag(n + 1)  # LegS: -(n+1) on the diagonal

@@ -9,7 +9,6 @@ All cases of one group size run in one launch of the ranks (see tests/sp_harness
 from __future__ import annotations
 
 import pytest
-import torch
 from sp_harness import run_ranks
 from test_sequence_parallel_model import L, _model, check
 

@@ -70,6 +70,7 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, shard: sp.SequenceShard, to_heads: bool) -> torch.Tensor:
         ctx.shard, ctx.to_heads = shard, to_heads
+        sp.count("all_to_all", x.numel(), x.element_size())
         return _seq_to_heads(x, shard) if to_heads else _heads_to_seq(x, shard)
 
     @staticmethod
@@ -135,5 +136,5 @@ def attention_sp(
         return heads_to_seq(_attend(qh, kh, vh, every, every, causal=causal, window=window, shard=shard), shard)
     # all-gather of K/V; a causal layer keeps only the prefix that its queries can see
     end = shard.end if causal else shard.total
-    kg, vg = (torch.cat(sp.all_gather(t, shard).unbind(0), dim=2)[:, :, :end] for t in (k, v))  # (B, Hkv, end, K)
+    kg, vg = (torch.cat(sp.all_gather(t, shard, kind="kv").unbind(0), dim=2)[:, :, :end] for t in (k, v))  # (B, Hkv, end, K)
     return _attend(q, kg, vg, qi, torch.arange(end, device=dev), causal=causal, window=window, shard=shard)

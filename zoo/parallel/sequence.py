@@ -35,7 +35,8 @@ from zoo.packing import seq_ids, validate_cu_seqlens
 
 __all__ = [
     "SequenceShard", "sequence_parallel", "active", "local", "slice_bounds", "all_gather", "halo_before",
-    "halo_after", "carry_rows", "lasp", "next_token_targets", "group_mean_loss", "sum_across",
+    "halo_after", "carry_rows", "lasp", "next_token_targets", "group_mean_loss", "sum_across", "count_communication",
+    "count",
 ]
 
 
@@ -147,6 +148,38 @@ def local() -> Iterator[None]:
         _LOCAL.reset(token)
 
 
+# --- what the collectives move (the benchmark's counter) ---------------------------------------------------------
+
+_COUNTER: contextvars.ContextVar[dict[str, list[int]] | None] = contextvars.ContextVar("zoo_sequence_comm", default=None)
+
+
+@contextlib.contextmanager
+def count_communication() -> Iterator[dict[str, list[int]]]:
+    """Count what this rank receives from the forward collectives inside: ``{kind: [elements, bytes, calls]}``.
+
+    Kinds: ``lasp_state`` / ``lasp_transition`` (the LASP-2 gather, P states and transitions), ``halo`` (the
+    gathered edge tokens of halos), ``kv`` (attention's K/V all-gather), ``all_to_all`` (Ulysses), ``all_gather``
+    (any other). An all-gather counts the P gathered copies, an all-to-all its tensor. The backward's collectives
+    mirror the forward's (an all-reduce of each gather's size, the opposite all-to-all) and are not counted.
+    """
+    counts: dict[str, list[int]] = {}
+    token = _COUNTER.set(counts)
+    try:
+        yield counts
+    finally:
+        _COUNTER.reset(token)
+
+
+def count(kind: str, elements: int, element_size: int) -> None:
+    """Add one collective's ``elements`` (of ``element_size`` bytes) to the active :func:`count_communication`."""
+    counts = _COUNTER.get()
+    if counts is not None:
+        entry = counts.setdefault(kind, [0, 0, 0])
+        entry[0] += elements
+        entry[1] += elements * element_size
+        entry[2] += 1
+
+
 # --- collectives with autograd ----------------------------------------------------------------------------------
 
 
@@ -168,8 +201,13 @@ class _AllGather(torch.autograd.Function):
         return grad[ctx.rank], None, None, None
 
 
-def all_gather(x: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
-    """``(P, *x.shape)``: every rank's ``x`` in rank order, differentiable (complex tensors as their real view)."""
+def all_gather(x: torch.Tensor, shard: SequenceShard, *, kind: str | None = "all_gather") -> torch.Tensor:
+    """``(P, *x.shape)``: every rank's ``x`` in rank order, differentiable (complex tensors as their real view).
+
+    ``kind`` names it for :func:`count_communication` (None: not counted, the caller counts).
+    """
+    if kind is not None:
+        count(kind, shard.size * x.numel(), x.element_size())
     if x.is_complex():
         return torch.view_as_complex(_AllGather.apply(torch.view_as_real(x), shard.group, shard.rank, shard.size))
     return _AllGather.apply(x, shard.group, shard.rank, shard.size)
@@ -194,7 +232,7 @@ def halo_before(x: torch.Tensor, n: int, shard: SequenceShard, dim: int = 1) -> 
     if n == 0:
         return x.narrow(dim, 0, 0)
     m = min(n, shard.length)
-    tails = all_gather(x.narrow(dim, shard.length - m, m), shard)  # (P, ..., m, ...)
+    tails = all_gather(x.narrow(dim, shard.length - m, m), shard, kind="halo")  # (P, ..., m, ...)
     d = dim % x.dim() + 1
     flat = torch.cat(list(tails.unbind(0)), dim=d - 1)  # every rank's tail, in token order
     idx = torch.arange(shard.start - n, shard.start, device=x.device)  # global indices wanted
@@ -212,7 +250,7 @@ def halo_after(x: torch.Tensor, n: int, shard: SequenceShard, dim: int = 1) -> t
     if n == 0:
         return x.narrow(dim, 0, 0)
     m = min(n, shard.length)
-    heads = all_gather(x.narrow(dim, 0, m), shard)  # (P, ..., m, ...)
+    heads = all_gather(x.narrow(dim, 0, m), shard, kind="halo")  # (P, ..., m, ...)
     flat = torch.cat(list(heads.unbind(0)), dim=dim % x.dim())
     idx = torch.arange(shard.end, shard.end + n, device=x.device)
     owner, off = idx.div(shard.length, rounding_mode="floor"), idx % shard.length
@@ -271,7 +309,9 @@ def lasp(
     trans = transition(carry_in).index_select(0, carry_out.to(final0.device))  # (M, *S) or (M, ..., K, K)
     sizes = (local_state.numel(), trans.numel())
     flat = torch.cat([local_state.reshape(-1), trans.reshape(-1).to(local_state.dtype)])
-    gathered = all_gather(flat, shard)  # (P, |S| + |T|)
+    count("lasp_state", shard.size * sizes[0], flat.element_size())
+    count("lasp_transition", shard.size * sizes[1], flat.element_size())
+    gathered = all_gather(flat, shard, kind=None)  # (P, |S| + |T|)
     states = gathered[:, : sizes[0]].reshape(shard.size, *local_state.shape)
     trans_all = gathered[:, sizes[0] :].reshape(shard.size, *trans.shape)
     order = range(shard.size - 1, shard.rank, -1) if reverse else range(shard.rank)

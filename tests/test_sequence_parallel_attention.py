@@ -22,11 +22,12 @@ CASES = {
     "attention_bidirectional": {"attention": {"n_heads": 4, "causal": False}},
     "s4_causal": {"s4": {"d_state": 16}},
     "s4_bidirectional": {"s4": {"d_state": 16, "bidirectional": True}},
+    "s4_dplr": {"s4": {"d_state": 16, "mode": "dplr"}},  # dense N x N transitions (LASP-2 with matrices)
     "hydra": {"hydra": {"d_state": 16, "headdim": 8, "chunk_size": 8, "d_conv": 7}},  # conv halo of 3 per side
 }
 REFUSALS = {
     "ulysses_heads": ({"attention": {"n_heads": 4, "n_kv_heads": 1, "sp": "ulysses"}}, "must both be divisible by 2"),
-    "s4_dplr": ({"s4": {"d_state": 16, "mode": "dplr"}}, "set mode: s4d"),
+    "s4_dplr_bidirectional": ({"s4": {"d_state": 16, "mode": "dplr", "bidirectional": True}}, "set mode: s4d"),
 }
 
 

@@ -13,10 +13,10 @@ Packed input (``cu_seqlens``) runs one convolution per packed sequence (a Python
 Padding: padded positions are zeroed, which for a convolution equals running each sequence alone as long
 as padding is contiguous at the ends of a row (left padding when a state is carried in or out).
 
-Sequence parallelism (S4D kernel): the long convolution is a diagonal LTI recurrence, so each rank convolves
-its slice alone and adds the state terms of the other slices through :func:`zoo.parallel.sequence.lasp` with
-the modal state ``x`` and the transition ``A_bar^n`` for a slice of n tokens; a bidirectional layer does the
-same from the end of the sequence (``reverse=True``) for its backward kernel.
+Sequence parallelism: the long convolution is an LTI recurrence, so each rank convolves its slice alone and adds
+the state terms of the other slices through :func:`zoo.parallel.sequence.lasp` with the modal state ``x`` and the
+transition ``A_bar^n`` for a slice of n tokens (elementwise for S4D, an N x N matrix for a causal DPLR layer); a
+bidirectional (S4D) layer does the same from the end of the sequence (``reverse=True``) for its backward kernel.
 """
 
 from __future__ import annotations
@@ -386,10 +386,10 @@ class S4(RecurrentMixer):
         that enters the slice from the other ranks: ``2 Re(C A_bar^(l+1) x0)`` forward and
         ``2 Re(C A_bar^(n-1-l) x1)`` backward, with x0 / x1 composed by LASP-2 from every rank's modal state.
         """
-        if self.mode != "s4d":
+        if self.mode == "dplr" and self.bidirectional:
             raise ValueError(
-                "s4: sequence parallelism needs the diagonal kernel (its state transition is elementwise); set "
-                "mode: s4d, or run mode: dplr without train.parallel.sequence."
+                "s4: a bidirectional layer runs sequence-parallel with the diagonal kernel only; set mode: s4d, or "
+                "run the bidirectional dplr layer without train.parallel.sequence."
             )
         with self._no_autocast():
             Bsz, L, H = x.shape
@@ -400,6 +400,8 @@ class S4(RecurrentMixer):
                 y = torch.cat([self._convolve_fp32(x[:, a:b], k, None, None, False)[0] if b > a else x[:, a:b]
                                for a, b in segs], dim=1)  # (B, L, H): every slice on its own
             u = x.transpose(1, 2).to(torch.promote_types(x.dtype, torch.float32))  # (B, H, L)
+            if self.mode == "dplr":
+                return y + self._sp_dplr_term(u, segs, shard).to(y.dtype)
             for d in range(2 if self.bidirectional else 1):
                 y = y + self._sp_state_term(u, segs, slice(d * H, (d + 1) * H), reverse=d == 1, shard=shard).to(y.dtype)
         return y
@@ -442,6 +444,38 @@ class S4(RecurrentMixer):
 
         carry_in, carry_out = sp.carry_rows(shard, rows, reverse=reverse)
         return sp.lasp(run, transition, carry_in=carry_in, carry_out=carry_out, shard=shard, reverse=reverse)[0]
+
+    def _sp_dplr_term(self, u: torch.Tensor, segs: list[tuple[int, int]], shard: sp.SequenceShard) -> torch.Tensor:
+        """:meth:`_sp_state_term` of a causal DPLR layer: its transition ``A_bar^n`` is a dense N x N matrix.
+
+        The state goes through LASP-2 in its conjugate-completed form ``[x, conj(x)]`` ``(rows, H, N, 1)``, on
+        which ``A_bar`` acts linearly (``matrix=True``); the kernel's own carried-state terms do the rest.
+        """
+        N2 = self.d_state // 2
+        packed = len(segs) > 1 or u.shape[0] == 1
+        rows = len(segs) if packed else u.shape[0]
+        lengths = [b - a for a, b in segs] if packed else [segs[0][1]] * rows
+
+        def run(init):
+            finals, terms = [], []
+            for i, (a, b) in enumerate(segs):
+                ui, n = u[..., a:b], b - a
+                x0 = None if init is None else (init[i : i + 1] if packed else init)[..., :N2, 0]  # (b, H, N2)
+                n_real = torch.full((ui.shape[0],), n, device=u.device)
+                final = self._final_state(x0, ui, n_real)
+                finals.append(torch.cat([final, final.conj()], dim=-1)[..., None])  # (b, H, N, 1)
+                terms.append(self._state_output(x0, n) if x0 is not None else u.new_zeros(*ui.shape))
+            return torch.cat(terms, dim=-1).transpose(1, 2), torch.cat(finals)  # (B, L, H), (rows, H, N, 1)
+
+        def transition(carry_in):
+            _, dA, _, _ = self._dense()  # (H, N, N)
+            T = dA.new_zeros(rows, *dA.shape)
+            for r in carry_in.tolist() if carry_in is not None else []:
+                T = T.index_copy(0, torch.tensor([r], device=T.device), torch.linalg.matrix_power(dA, lengths[r])[None])
+            return T
+
+        carry_in, carry_out = sp.carry_rows(shard, rows)
+        return sp.lasp(run, transition, carry_in=carry_in, carry_out=carry_out, shard=shard, matrix=True)[0]
 
     # ----- recurrent view -----------------------------------------------------------------------
     def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:

@@ -31,6 +31,14 @@ REFUSALS = {
 }
 
 
+#: one layer per model at P = 2, B = 2, d_model 32: (mixers, kind, elements each rank receives, collectives)
+COMM = {
+    "ulysses": ({"attention": {"n_heads": 4, "sp": "ulysses"}}, "all_to_all", 4 * 2 * L * 32 // 2, 4),  # 4·B·L·D/P
+    "allgather": ({"attention": {"n_heads": 4}}, "kv", 2 * 2 * L * 32, 2),  # 2·B·L·Hkv·K: K and V
+    "s4_state": ({"s4": {"d_state": 16}}, "lasp_state", 2 * 2 * 32 * 8, 1),  # P·B·H·N/2 complex modes
+}
+
+
 def _jobs():
     jobs = []
     for name, mixers in CASES.items():
@@ -49,13 +57,17 @@ def _results(world: int, tmp_path_factory) -> dict[str, list]:
         named = _jobs()
         refusals = [("sp_jobs_attention:refusal_job", {"model": _model([next(iter(m))], m), "L": L})
                     for m, _ in REFUSALS.values()] if world == 2 else []
-        jobs = [j for _, j in named] + refusals
+        comm = [("sp_jobs_attention:comm_job", {"model": _model([next(iter(m))], m), "L": L})
+                for m, *_ in COMM.values()] if world == 2 else []
+        jobs = [j for _, j in named] + refusals + comm
         res = run_ranks(jobs, world=world, tmp=tmp_path_factory.mktemp(f"sp{world}"), timeout=240)
         out: dict[str, list] = {}
         for (name, job), r in zip(named, res):
             out.setdefault(name, []).append((job, r))
         for name, r in zip(REFUSALS, res[len(named):]):
             out[f"refusal:{name}"] = r
+        for name, r in zip(COMM, res[len(named) + len(refusals):]):
+            out[f"comm:{name}"] = r
         _RESULTS[world] = out
     return _RESULTS[world]
 
@@ -73,6 +85,14 @@ def test_impossible_settings_are_refused(name, tmp_path_factory):
     """Every rank refuses with the same one-sentence error, before any collective (no hang)."""
     per_rank = _results(2, tmp_path_factory)[f"refusal:{name}"]
     assert all(REFUSALS[name][1] in r["error"] for r in per_rank), [r["error"] for r in per_rank]
+
+
+@pytest.mark.parametrize("name", list(COMM))
+def test_communication_matches_the_formula(name, tmp_path_factory):
+    """What the benchmark counts: Ulysses moves 4·B·L·D/P per layer, LASP-2 P states, independent of anything else."""
+    _, kind, elements, calls = COMM[name]
+    for counts in _results(2, tmp_path_factory)[f"comm:{name}"]:
+        assert (int(counts[kind][0]), int(counts[kind][2])) == (elements, calls), counts
 
 
 def test_ring_is_refused_at_construction():

@@ -170,6 +170,23 @@ def test_packed_equals_separate(bidirectional):
     assert rel(packed, torch.cat([m(x) for x in xs], dim=1)) < 1e-12
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_packed_with_an_empty_sequence_equals_separate(bidirectional):
+    m = make("s4d", bidirectional=bidirectional)
+    xs = [torch.randn(1, n, 3, dtype=F64) for n in (4, 7)]
+    packed = m(torch.cat(xs, dim=1), cu_seqlens=torch.tensor([0, 4, 4, 11]))
+    assert rel(packed, torch.cat([m(x) for x in xs], dim=1)) < 1e-12
+
+
+def test_dplr_model_builds_from_config():
+    """Config validation builds each layer on the meta device; the HiPPO-LegS init needs real values."""
+    import zoo
+
+    model = zoo.build_model({"vocab_size": 32, "d_model": 16, "n_layers": 1, "pattern": ["s4"],
+                             "mixers": {"s4": {"d_state": 8, "mode": "dplr"}}})
+    assert model.model.layers[0].mixer.P.device.type == "cpu"
+
+
 @pytest.mark.parametrize("mode", ["s4d", "dplr"])
 def test_packed_final_states_equal_separate(mode):
     m = make(mode)

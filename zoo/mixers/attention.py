@@ -3,6 +3,9 @@
 The transformer baseline and the attention half of every hybrid. Decoding keeps K/V in transformers'
 ``DynamicLayer`` (full) or ``DynamicSlidingWindowLayer`` (trimmed to the window).
 A sliding ``window`` of W lets each query see itself and the W - 1 tokens before it.
+Sequence parallelism (``sp``): ``allgather`` (default; any head count) all-gathers K/V per layer, ``ulysses``
+exchanges sequence for heads with two all-to-alls (heads divisible by P); a sliding window only takes a halo of
+the previous ranks' last W - 1 keys/values (see :mod:`zoo.parallel.attention`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from zoo.mixers.base import Mixer
 from zoo.nn import RMSNorm, Rotary, apply_rotary
 from zoo.packing import seq_ids, seq_index
+from zoo.parallel import attention as sp_attention
+from zoo.parallel import sequence
 from zoo.registry import register_mixer
 
 
@@ -40,6 +45,7 @@ class Attention(Mixer):
         rope_base: float = 10000.0,
         qk_norm: bool = False,
         bias: bool = False,
+        sp: str = "allgather",
     ) -> None:
         super().__init__(d_model, layer_idx=layer_idx)
         n_kv_heads = n_kv_heads or n_heads
@@ -51,7 +57,8 @@ class Attention(Mixer):
             raise ValueError(f"attention: window must be a positive number of tokens or null, got {window}.")
         if window is not None and not causal:
             raise ValueError("attention: a sliding window needs causal=true (bidirectional windows are not supported).")
-        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        sp_attention.check_mode(sp)
+        self.n_heads, self.n_kv_heads, self.sp = n_heads, n_kv_heads, sp
         self.head_dim = head_dim or d_model // n_heads
         self.causal, self.has_step, self.window = causal, causal, window
         hd = self.head_dim
@@ -91,10 +98,16 @@ class Attention(Mixer):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        shard = sequence.active()
         if self.rotary is not None:
-            cos, sin = self.rotary(self._positions(B, L, past, attention_mask, cu_seqlens, x.device))
+            pos = shard.positions(x.device)[None].expand(B, L) if shard is not None else (
+                self._positions(B, L, past, attention_mask, cu_seqlens, x.device))  # global positions under SP
+            cos, sin = self.rotary(pos)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, K)
+        if shard is not None:  # this rank's slice of a sequence split across the group (no cache, no padding)
+            o = sp_attention.attention_sp(q, k, v, causal=self.causal, window=self.window, mode=self.sp, shard=shard)
+            return self.o_proj(o.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, Hkv, T, K): cached (window-trimmed) + new
         T = k.shape[2]

@@ -12,6 +12,11 @@ The recurrent view (causal only) equals the convolution: ``x_t = A_bar x_{t-1} +
 Packed input (``cu_seqlens``) runs one convolution per packed sequence (a Python loop over sequences).
 Padding: padded positions are zeroed, which for a convolution equals running each sequence alone as long
 as padding is contiguous at the ends of a row (left padding when a state is carried in or out).
+
+Sequence parallelism: the long convolution is an LTI recurrence, so each rank convolves its slice alone and adds
+the state terms of the other slices through :func:`zoo.parallel.sequence.lasp` with the modal state ``x`` and the
+transition ``A_bar^n`` for a slice of n tokens (elementwise for S4D, an N x N matrix for a causal DPLR layer); a
+bidirectional (S4D) layer does the same from the end of the sequence (``reverse=True``) for its backward kernel.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch import nn
 
 from zoo.kernels import fft_conv
 from zoo.mixers.base import RecurrentMixer, State
+from zoo.parallel import sequence as sp
 from zoo.registry import register_mixer
 
 _S4D_INITS = ("lin", "inv", "real", "legs")
@@ -34,8 +40,16 @@ def hippo_legs_nplr(N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
 
     Returns ``(Lambda, P, B, V)``: complex ``(N/2,)`` each and ``V (N, N/2)``, such that with the conjugate
     completion ``Vf = [V, conj(V)]`` the real LegS matrix is ``Vf (diag(Lf) - Pf Pf^*) Vf^*`` and its input
-    vector is ``Vf Bf`` (``Xf = [X, conj(X)]``). Computed in float64.
+    vector is ``Vf Bf`` (``Xf = [X, conj(X)]``). Computed in float64 on the CPU (also when the layer is built on
+    the meta device, as config validation does: the eigenvector selection needs values), then moved to the
+    default device.
     """
+    device = torch.get_default_device()
+    with torch.device("cpu"):
+        return tuple(t.to(device) for t in _hippo_legs_nplr_cpu(N))
+
+
+def _hippo_legs_nplr_cpu(N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     n = torch.arange(N, dtype=torch.float64)
     r = torch.sqrt(2 * n + 1)
     A = -torch.tril(r[:, None] * r[None, :], diagonal=-1) - torch.diag(n + 1)  # LegS: -(n+1) on the diagonal
@@ -317,9 +331,9 @@ class S4(RecurrentMixer):
         for i, (a, b) in enumerate(zip(cu, cu[1:])):
             st = {n: v[i : i + 1] for n, v in state.items()} if state is not None else None
             if a == b:  # an empty sequence: no output, the state passes through
-                empty = st if st is not None else self.init_state(1, device=x.device, dtype=x.dtype)
                 ys.append(x[:, a:b])
-                states.append(empty if return_state else None)
+                if return_state:  # (a bidirectional layer has no state to pass through)
+                    states.append(st if st is not None else self.init_state(1, device=x.device, dtype=x.dtype))
                 continue
             y, new = self._convolve(x[:, a:b], k, st, None, return_state)
             ys.append(y)
@@ -353,12 +367,115 @@ class S4(RecurrentMixer):
         cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``(B, L, D) -> (B, L, D)``; causal layers go through the cache logic of :class:`RecurrentMixer`."""
+        if (shard := sp.active()) is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("s4: a sequence-parallel slice takes no cache or padding mask; pack with cu_seqlens.")
+            return self._output(self._sp_convolve(x, cu_seqlens, shard))
         if self.causal:
             return super().forward(x, cache=cache, attention_mask=attention_mask, cu_seqlens=cu_seqlens)
         if cache is not None:
             raise ValueError("s4: a bidirectional layer has no recurrent state to cache; call it without a cache.")
         mask = attention_mask[:, -x.shape[1] :] if attention_mask is not None else None
         return self.scan(x, mask=mask, cu_seqlens=cu_seqlens)[0]
+
+    # ----- sequence parallelism ---------------------------------------------------------------
+    def _sp_convolve(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None, shard: sp.SequenceShard) -> torch.Tensor:
+        """Pre-activation y ``(B, L, H)`` of this rank's slice of a sequence split across ``shard``'s group.
+
+        The slice's own convolution (per local document when packed) plus, per direction, the term of the state
+        that enters the slice from the other ranks: ``2 Re(C A_bar^(l+1) x0)`` forward and
+        ``2 Re(C A_bar^(n-1-l) x1)`` backward, with x0 / x1 composed by LASP-2 from every rank's modal state.
+        """
+        if self.mode == "dplr" and self.bidirectional:
+            raise ValueError(
+                "s4: a bidirectional layer runs sequence-parallel with the diagonal kernel only; set mode: s4d, or "
+                "run the bidirectional dplr layer without train.parallel.sequence."
+            )
+        with self._no_autocast():
+            Bsz, L, H = x.shape
+            cu = cu_seqlens.tolist() if cu_seqlens is not None else None
+            segs = [(0, L)] if cu is None else list(zip(cu, cu[1:]))  # unpacked: one segment of B rows; packed: documents
+            k = self._kernel(max(1, *(b - a for a, b in segs)))
+            with sp.local():
+                y = torch.cat([self._convolve_fp32(x[:, a:b], k, None, None, False)[0] if b > a else x[:, a:b]
+                               for a, b in segs], dim=1)  # (B, L, H): every slice on its own
+            u = x.transpose(1, 2).to(torch.promote_types(x.dtype, torch.float32))  # (B, H, L)
+            if self.mode == "dplr":
+                return y + self._sp_dplr_term(u, segs, shard).to(y.dtype)
+            for d in range(2 if self.bidirectional else 1):
+                y = y + self._sp_state_term(u, segs, slice(d * H, (d + 1) * H), reverse=d == 1, shard=shard).to(y.dtype)
+        return y
+
+    def _sp_state_term(self, u: torch.Tensor, segs: list[tuple[int, int]], ch: slice, *, reverse: bool,
+                       shard: sp.SequenceShard) -> torch.Tensor:
+        """The other ranks' contribution ``(B, L, H)`` to one direction's output (channels ``ch`` of the SSMs)."""
+        dt, A, Bp, C, _ = self._params()
+        dtA = dt[ch, None] * A[ch]  # (H, N2)
+        dB = Bp[ch] * torch.expm1(dtA) / A[ch]
+        packed = len(segs) > 1 or u.shape[0] == 1
+        rows = len(segs) if packed else u.shape[0]  # state rows: documents when packed, else the batch
+        lengths = [b - a for a, b in segs] if packed else [segs[0][1]] * rows
+
+        def seg_rows(t: torch.Tensor, i: int) -> torch.Tensor:  # the state rows of segment i
+            return t[i : i + 1] if packed else t
+
+        def run(init):
+            finals, terms = [], []
+            for i, (a, b) in enumerate(segs):
+                ui, n = u[..., a:b], b - a
+                V = torch.complex(*self._powers(dtA, n, 0))  # (H, N2, n)
+                final = torch.einsum("bhl,hnl->bhn", ui.to(V.dtype) if reverse else ui.flip(-1).to(V.dtype), V) * dB
+                term = u.new_zeros(u.shape[0], u.shape[1], n)
+                if init is not None:
+                    x0 = seg_rows(init, i)
+                    final = final + torch.exp(dtA * n) * x0
+                    term = 2 * self._vandermonde(C[ch] * x0, dtA, n, 0 if reverse else 1)
+                    term = term.flip(-1) if reverse else term
+                finals.append(final)
+                terms.append(term)
+            return torch.cat(terms, dim=-1).transpose(1, 2), torch.cat(finals)  # (B, L, H), (rows, H, N2)
+
+        def transition(carry_in):
+            T = dB.new_zeros(rows, *dtA.shape)
+            if carry_in is not None:
+                n = torch.tensor(lengths, device=dtA.device)[carry_in]
+                T = T.index_copy(0, carry_in.to(T.device), torch.exp(dtA * n[:, None, None].to(dtA.real.dtype)))
+            return T
+
+        carry_in, carry_out = sp.carry_rows(shard, rows, reverse=reverse)
+        return sp.lasp(run, transition, carry_in=carry_in, carry_out=carry_out, shard=shard, reverse=reverse)[0]
+
+    def _sp_dplr_term(self, u: torch.Tensor, segs: list[tuple[int, int]], shard: sp.SequenceShard) -> torch.Tensor:
+        """:meth:`_sp_state_term` of a causal DPLR layer: its transition ``A_bar^n`` is a dense N x N matrix.
+
+        The state goes through LASP-2 in its conjugate-completed form ``[x, conj(x)]`` ``(rows, H, N, 1)``, on
+        which ``A_bar`` acts linearly (``matrix=True``); the kernel's own carried-state terms do the rest.
+        """
+        N2 = self.d_state // 2
+        packed = len(segs) > 1 or u.shape[0] == 1
+        rows = len(segs) if packed else u.shape[0]
+        lengths = [b - a for a, b in segs] if packed else [segs[0][1]] * rows
+
+        def run(init):
+            finals, terms = [], []
+            for i, (a, b) in enumerate(segs):
+                ui, n = u[..., a:b], b - a
+                x0 = None if init is None else (init[i : i + 1] if packed else init)[..., :N2, 0]  # (b, H, N2)
+                n_real = torch.full((ui.shape[0],), n, device=u.device)
+                final = self._final_state(x0, ui, n_real)
+                finals.append(torch.cat([final, final.conj()], dim=-1)[..., None])  # (b, H, N, 1)
+                terms.append(self._state_output(x0, n) if x0 is not None else u.new_zeros(*ui.shape))
+            return torch.cat(terms, dim=-1).transpose(1, 2), torch.cat(finals)  # (B, L, H), (rows, H, N, 1)
+
+        def transition(carry_in):
+            _, dA, _, _ = self._dense()  # (H, N, N)
+            T = dA.new_zeros(rows, *dA.shape)
+            for r in carry_in.tolist() if carry_in is not None else []:
+                T = T.index_copy(0, torch.tensor([r], device=T.device), torch.linalg.matrix_power(dA, lengths[r])[None])
+            return T
+
+        carry_in, carry_out = sp.carry_rows(shard, rows)
+        return sp.lasp(run, transition, carry_in=carry_in, carry_out=carry_out, shard=shard, matrix=True)[0]
 
     # ----- recurrent view -----------------------------------------------------------------------
     def step(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:

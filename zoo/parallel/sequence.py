@@ -34,7 +34,7 @@ from zoo.packing import seq_ids, validate_cu_seqlens
 
 __all__ = [
     "SequenceShard", "sequence_parallel", "active", "local", "slice_bounds", "all_gather", "halo_before",
-    "halo_after", "carry_rows", "lasp", "COMM", "reset_comm", "next_token_targets", "group_mean_loss", "sum_across",
+    "halo_after", "carry_rows", "lasp", "count_communication", "count", "next_token_targets", "group_mean_loss", "sum_across",
 ]
 
 
@@ -152,18 +152,33 @@ def local() -> Iterator[None]:
 
 # --- collectives with autograd ----------------------------------------------------------------------------------
 
-#: Bytes moved by this process's sequence-parallel exchanges since the last :func:`reset_comm` (forward and backward):
-#: ``all_gather`` counts what a rank receives, ``p2p`` what it sends; the benchmark reads them per layer.
-COMM: dict[str, int] = {"all_gather": 0, "p2p": 0, "all_to_all": 0}
+_COUNTS: dict[str, list[int]] | None = None  # the active count_communication (a module global: compile traces it)
 
 
-def reset_comm() -> dict[str, int]:
-    """Zero the byte counters; returns their values before."""
-    before = dict(COMM)
-    for k in COMM:
-        COMM[k] = 0
-    return before
+@contextlib.contextmanager
+def count_communication() -> Iterator[dict[str, list[int]]]:
+    """Count what this rank receives from the forward collectives inside: ``{kind: [elements, bytes, calls]}``.
 
+    Kinds: ``lasp_state`` / ``lasp_transition`` (the LASP-2 gather, P states and transitions), ``halo`` (edge tokens
+    received from a neighbour), ``kv`` (attention's K/V all-gather), ``all_to_all`` (Ulysses), ``all_gather`` (any
+    other). An all-gather counts the P gathered copies, an all-to-all its tensor. The backward's collectives mirror
+    the forward's (an all-reduce of each gather's size, the opposite exchange) and are not counted.
+    """
+    global _COUNTS
+    previous, _COUNTS = _COUNTS, {}
+    try:
+        yield _COUNTS
+    finally:
+        _COUNTS = previous
+
+
+def count(kind: str, elements: int, element_size: int) -> None:
+    """Add one collective's ``elements`` (of ``element_size`` bytes) to the active :func:`count_communication`."""
+    if _COUNTS is not None:
+        entry = _COUNTS.setdefault(kind, [0, 0, 0])
+        entry[0] += elements
+        entry[1] += elements * element_size
+        entry[2] += 1
 
 
 class _AllGather(torch.autograd.Function):
@@ -175,19 +190,22 @@ class _AllGather(torch.autograd.Function):
         x = x.contiguous()
         out = [torch.empty_like(x) for _ in range(size)]
         dist.all_gather(out, x, group=group)
-        COMM["all_gather"] += x.numel() * x.element_size() * size  # bytes this rank receives (its own included)
         return torch.stack(out)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
-        COMM["all_gather"] += grad.numel() * grad.element_size()  # the all-reduce of the gathered gradients
         return grad[ctx.rank], None, None, None
 
 
-def all_gather(x: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
-    """``(P, *x.shape)``: every rank's ``x`` in rank order, differentiable (complex tensors as their real view)."""
+def all_gather(x: torch.Tensor, shard: SequenceShard, *, kind: str | None = "all_gather") -> torch.Tensor:
+    """``(P, *x.shape)``: every rank's ``x`` in rank order, differentiable (complex tensors as their real view).
+
+    ``kind`` names it for :func:`count_communication` (None: not counted, the caller counts).
+    """
+    if kind is not None:
+        count(kind, shard.size * x.numel(), x.element_size())
     if x.is_complex():
         return torch.view_as_complex(_AllGather.apply(torch.view_as_real(x), shard.group, shard.rank, shard.size))
     return _AllGather.apply(x, shard.group, shard.rank, shard.size)
@@ -216,6 +234,8 @@ class _Shift(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, shard: SequenceShard, step: int) -> torch.Tensor:
         ctx.shard, ctx.step = shard, step
+        if 0 <= shard.rank - step < shard.size:
+            count("halo", x.numel(), x.element_size())
         return _exchange(x.contiguous(), shard, step)
 
     @staticmethod
@@ -229,7 +249,6 @@ def _exchange(x: torch.Tensor, shard: SequenceShard, step: int) -> torch.Tensor:
     ops = []
     if 0 <= to < shard.size:
         ops.append(dist.P2POp(dist.isend, x, _global_rank(shard, to), shard.group))
-        COMM["p2p"] += x.numel() * x.element_size()
     if 0 <= frm < shard.size:
         ops.append(dist.P2POp(dist.irecv, out, _global_rank(shard, frm), shard.group))
     for req in dist.batch_isend_irecv(ops) if ops else []:
@@ -260,7 +279,7 @@ def halo_before(x: torch.Tensor, n: int, shard: SequenceShard, dim: int = 1) -> 
     if n <= shard.length:
         out = _shift(x.narrow(dim, shard.length - n, n), shard, +1)
         return out * keep.view(shape).to(out.dtype)
-    tails = all_gather(x, shard)  # (P, ..., length, ...): the halo reaches back over whole slices
+    tails = all_gather(x, shard, kind="halo")  # (P, ..., length, ...): the halo reaches back over whole slices
     flat = torch.cat(list(tails.unbind(0)), dim=dim % x.dim())
     out = flat.index_select(dim, idx.clamp(0, shard.total - 1))
     return out * keep.view(shape).to(out.dtype)
@@ -277,7 +296,7 @@ def halo_after(x: torch.Tensor, n: int, shard: SequenceShard, dim: int = 1) -> t
     if n <= shard.length:
         out = _shift(x.narrow(dim, 0, n), shard, -1)
         return out * keep.view(shape).to(out.dtype)
-    heads = all_gather(x, shard)
+    heads = all_gather(x, shard, kind="halo")
     flat = torch.cat(list(heads.unbind(0)), dim=dim % x.dim())
     out = flat.index_select(dim, idx.clamp(0, shard.total - 1))
     return out * keep.view(shape).to(out.dtype)
@@ -330,7 +349,9 @@ def lasp(
     trans = transition(carry_in).index_select(0, carry_out.to(final0.device))  # (M, *S) or (M, ..., K, K)
     sizes = (local_state.numel(), trans.numel())
     flat = torch.cat([local_state.reshape(-1), trans.reshape(-1).to(local_state.dtype)])
-    gathered = all_gather(flat, shard)  # (P, |S| + |T|)
+    count("lasp_state", shard.size * sizes[0], flat.element_size())
+    count("lasp_transition", shard.size * sizes[1], flat.element_size())
+    gathered = all_gather(flat, shard, kind=None)  # (P, |S| + |T|)
     states = gathered[:, : sizes[0]].reshape(shard.size, *local_state.shape)
     trans_all = gathered[:, sizes[0] :].reshape(shard.size, *trans.shape)
     order = range(shard.size - 1, shard.rank, -1) if reverse else range(shard.rank)

@@ -12,6 +12,8 @@ is listed per case.
     python scripts/bench_long_context.py --lengths 4096 32768 --models mamba2 hf-mamba2
     python scripts/bench_long_context.py --record docs/benchmarks.md   # also append the table there
     python scripts/bench_long_context.py --quick                  # tiny smoke run (in-process, seconds)
+    python scripts/bench_long_context.py --plot mem.png           # also a log-log plot of memory per token vs L
+    python scripts/bench_long_context.py --plot-records docs/benchmarks.md --plot mem.png  # plot recorded tables
 
 Nothing is written anywhere unless ``--record FILE`` is given.
 """
@@ -200,6 +202,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
     ap.add_argument("--record", type=Path, default=None, help="append the table, device, versions, date, command here")
     ap.add_argument("--quick", action="store_true", help="tiny smoke run: d_model 32, 2 layers, vocab 512, L 64 128")
+    ap.add_argument("--plot", type=Path, default=None, help="write a PNG of memory per token vs L (log-log)")
+    ap.add_argument("--plot-records", type=Path, nargs="+", default=None, metavar="MD",
+                    help="only plot: read the tables a previous --record wrote into these files (no measuring)")
     ap.add_argument("--child", nargs=3, metavar=("MODEL", "SETTING", "L"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.device is None:
@@ -216,8 +221,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def plot(rows: list[list], path: Path) -> None:
+    """Peak step memory per token (KB) vs L, log-log, one line per (model, setting) that trained at two L or more."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in dict.fromkeys((r[0], r[1]) for r in rows):
+        pts = [(int(r[2]), float(r[4])) for r in rows if (r[0], r[1]) == key and _number(r[4])]
+        if pts:
+            ax.plot(*zip(*sorted(pts)), marker="o", label=f"{key[0]} {key[1]}")
+    ax.axhline(64, color="grey", ls="--", lw=0.8, label="64 KB/token")
+    ax.set(xscale="log", yscale="log", xlabel="sequence length L (tokens)", ylabel="peak step memory per token (KB)",
+           title="One training step, B = 1 (scripts/bench_long_context.py)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def _number(text) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def rows_from_records(paths: list[Path]) -> list[list]:
+    """The result rows of the tables --record wrote (``| model | setting | L | ...`` lines)."""
+    rows = []
+    for path in paths:
+        for line in path.read_text().splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 8 and cells[2].isdigit():
+                rows.append(cells)
+    return rows
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.plot_records:
+        plot(rows_from_records(args.plot_records), args.plot or Path("long-context-memory.png"))
+        return 0
     if args.child:
         name, setting, L = args.child
         print(json.dumps(measure(name, setting, int(L), args)))
@@ -270,6 +318,8 @@ def main(argv=None) -> int:
     else:
         print(f"## {title}\n\n- {notes}\n\n{markdown_table(header, rows)}\n")
     print("Longest trained L in this sweep:\n\n" + markdown_table(["model", "setting", "longest L"], summary))
+    if args.plot is not None:
+        plot(rows, args.plot)
     return 0
 
 

@@ -59,8 +59,8 @@ def _chunk_states(x, dt, A, Bm, keep, h, a, hs):
         a.mul_(keep[:, None, None, None, None])
     hs = _mul_into((dt * x)[..., None], Bm[:, :, :, None, :], hs)  # b_t, overwritten by h_t below
     prev = h
-    for t in range(hs.shape[0]):
-        prev = _addcmul_into(hs[t], a[t], prev, hs[t])
+    for a_t, h_t in zip(a.unbind(0), hs.unbind(0)):
+        prev = _addcmul_into(h_t, a_t, prev, h_t)
     return a, hs
 
 
@@ -95,9 +95,9 @@ class _ChunkedScan(torch.autograd.Function):
         gy = gy.contiguous()
         gx, gdt = torch.empty_like(x), torch.empty_like(dt)
         gB, gC = torch.empty_like(Bm), torch.empty_like(Cm)
-        gA = torch.zeros_like(A)
         T0 = min(chunk, L)
         a_buf, hs_buf, g_buf = (x.new_empty(T0, Bsz, G, Eg, N) for _ in range(3))  # reused by every chunk
+        gA_acc = x.new_zeros(T0, Bsz, G, Eg, N)  # per-position sums of dLoss/d(dt A) * dt; reduced once at the end
         carry = gh if gh is not None else torch.zeros_like(starts[0])  # dLoss/dh at the chunk's end, from the future
         for i, c0 in reversed(list(enumerate(range(0, L, chunk)))):
             sl = slice(c0, c0 + chunk)
@@ -108,8 +108,9 @@ class _ChunkedScan(torch.autograd.Function):
             _bmm_into(gyc.reshape(M, 1, Eg), hs.view(M, Eg, N), gC[sl])
             g = _mul_into(gyc[..., None], Cc[:, :, :, None, :], g_buf[:T])  # C_t dy_t, turned into dLoss/dh_t below
             g[-1].add_(carry)
+            gs, as_ = g.unbind(0), a.unbind(0)
             for t in range(T - 2, -1, -1):
-                _addcmul_into(g[t], a[t + 1], g[t + 1], g[t])
+                _addcmul_into(gs[t], as_[t + 1], gs[t + 1], gs[t])
             carry = a[0] * g[0]
             # dLoss/d(dt_t A) = g_t * a_t * h_{t-1}, formed in a's buffer
             a[1:].mul_(hs[:-1])
@@ -117,11 +118,10 @@ class _ChunkedScan(torch.autograd.Function):
             gq = a.mul_(g)
             _bmm_into((dtc * xc).reshape(M, 1, Eg), g.view(M, Eg, N), gB[sl])
             gBsum = torch.bmm(g.view(M, Eg, N), Bc.reshape(M, N, 1)).view(T, Bsz, G, Eg)  # sum_n g B
-            w = _mul_into(gq, A, hs)  # hs is no longer needed: reuse its buffer
-            gdt[sl] = torch.addcmul(w.sum(-1), gBsum, xc)
+            gdt[sl] = torch.addcmul(torch.einsum("tbgen,gen->tbge", gq, A), gBsum, xc)
             gx[sl] = gBsum * dtc
-            gA += _mul_into(gq, dtc[..., None], w).sum((0, 1))
-        return gx, gdt, gA, gB, gC, carry, None, None
+            gA_acc[:T].addcmul_(gq, dtc[..., None])
+        return gx, gdt, gA_acc.sum((0, 1)), gB, gC, carry, None, None
 
 
 def selective_scan_chunked(
@@ -138,7 +138,7 @@ def selective_scan_chunked(
     *,
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 32,
+    chunk_size: int = 16,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Chunked selective scan; same arguments as :func:`zoo.kernels.selective_scan`."""
     if not isinstance(chunk_size, int) or chunk_size < 1:

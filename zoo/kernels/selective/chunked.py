@@ -92,7 +92,7 @@ class _ChunkedScan(torch.autograd.Function):
         chunk = ctx.chunk
         L, Bsz, G, Eg = x.shape
         N = A.shape[-1]
-        gy = gy.contiguous()
+        gy = gy.contiguous() if gy is not None else torch.zeros_like(x)  # None when only the final state is used
         gx, gdt = torch.empty_like(x), torch.empty_like(dt)
         gB, gC = torch.empty_like(Bm), torch.empty_like(Cm)
         T0 = min(chunk, L)

@@ -12,7 +12,7 @@ import zoo
 from zoo.models import ZooConfig, ZooForCausalLM
 
 KERNEL_MODULES = ["zoo.kernels.scan", "zoo.kernels.selective", "zoo.kernels.conv", "zoo.kernels.gla",
-                  "zoo.kernels.delta_rule"]
+                  "zoo.kernels.delta_rule", "zoo.kernels.ssd_scan"]
 
 
 @pytest.fixture

@@ -58,6 +58,50 @@ def _intra_per_key(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor) -> torch.T
     return rearrange(A, "... a b i j -> ... (a i) (b j)")  # (..., C, C)
 
 
+class _InterChunk(torch.autograd.Function):
+    """The state recurrence across chunks, ``S_{n+1} = d_n * S_n + kv_n``, with a hand-written reverse recurrence.
+
+    Under plain autograd, indexing chunk n of a saved ``(B, H, N, K, V)`` tensor makes each index's backward
+    zero-fill the whole tensor: O(N^2) memory traffic. Here forward and backward each walk the chunks once,
+    writing chunk slabs of preallocated outputs in place.
+    """
+
+    @staticmethod
+    def forward(ctx, kv, decay, S0):
+        # kv (B, H, N, K, V); decay (B, H, N, K|1, 1); S0 (B, H, K, V)
+        starts = torch.empty_like(kv)
+        S = S0
+        for n in range(kv.shape[2]):
+            starts[:, :, n] = S
+            S = torch.addcmul(kv[:, :, n], decay[:, :, n], S)
+        ctx.save_for_backward(decay, starts)
+        return starts, S
+
+    @staticmethod
+    def backward(ctx, d_starts, d_final):
+        decay, starts = ctx.saved_tensors
+        N = starts.shape[2]
+        d_kv = torch.empty_like(starts)
+        per_key = decay.shape[-2] != 1
+        sum_dims = (-1,) if per_key else (-2, -1)
+        d_decay = torch.empty_like(decay)
+        gS = d_final if d_final is not None else starts.new_zeros(starts[:, :, 0].shape)  # dLoss/dS_{n+1}
+        for n in reversed(range(N)):
+            d_kv[:, :, n] = gS
+            d_decay[:, :, n] = (gS * starts[:, :, n]).sum(sum_dims, keepdim=True)
+            gS = gS * decay[:, :, n] if d_starts is None else torch.addcmul(d_starts[:, :, n], decay[:, :, n], gS)
+        return d_kv, d_decay, gS
+
+
+def inter_chunk_states(kv: torch.Tensor, decay: torch.Tensor, S0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """States entering each chunk and the final state of ``S_{n+1} = decay_n * S_n + kv_n`` (``S_0 = S0``).
+
+    kv ``(B, H, N, K, V)``, decay ``(B, H, N, K, 1)`` or ``(B, H, N, 1, 1)``, S0 ``(B, H, K, V)``. Returns
+    ``starts (B, H, N, K, V)`` (``starts[:, :, n] = S_n``) and ``S_N``. Forward and backward are linear in N.
+    """
+    return _InterChunk.apply(kv, decay, S0)
+
+
 def gla_chunked(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -100,11 +144,8 @@ def gla_chunked(
         chunk_decay = Gl.exp()[..., None]  # (B, H, N, K, 1)
     o = (A * scale) @ v  # (B, H, N, C, V)
     kv = k_st.transpose(-1, -2) @ v  # (B, H, N, K, V): each chunk's own contribution to the state
-    S = initial_state.to(ct) if initial_state is not None else q.new_zeros(B, H, K, V)
-    starts = []
-    for n in range(kv.shape[2]):
-        starts.append(S)
-        S = chunk_decay[:, :, n] * S + kv[:, :, n]
-    o = o + (q_in * scale) @ torch.stack(starts, 2)  # (B, H, N, C, V)
+    S0 = initial_state.to(ct) if initial_state is not None else q.new_zeros(B, H, K, V)
+    starts, S = inter_chunk_states(kv, chunk_decay, S0)  # (B, H, N, K, V), (B, H, K, V)
+    o = o + (q_in * scale) @ starts  # (B, H, N, C, V)
     o = rearrange(o, "b h n c v -> b (n c) h v")[:, :L]
     return o, S

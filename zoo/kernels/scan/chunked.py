@@ -33,9 +33,18 @@ def _addcmul_into(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, out: torch.
     return torch.addcmul(x, a, s, out=out)
 
 
-def _chunk_size(L: int) -> int:
-    """A divisor of L near sqrt(L) when there is one (no padding), else a power of two near sqrt(L)."""
-    target = max(1, round(math.sqrt(L)))
+SLAB = 1 << 16  # elements of one (B, n, D) slab: ~256 KiB of float32 stays in cache as L grows
+
+
+def _chunk_size(L: int, width: int = 1) -> int:
+    """A chunk length for ``L`` steps of ``width = B * D`` channels.
+
+    Near sqrt(L) (fewest Python steps), but long enough that a slab of all chunks' step c (``width * L / C``
+    elements) stays near ``SLAB``: otherwise every step walks a slab strided across the whole tensor and the
+    per-token cost grows with L. A divisor of L near the target when there is one (no padding), else a power of two.
+    """
+    target = max(1, round(math.sqrt(L)), -(-L * width // SLAB))
+    target = min(target, L)
     for C in sorted(range(max(1, target // 2), 2 * target + 1), key=lambda c: abs(c - target)):
         if L % C == 0:
             return C
@@ -103,7 +112,7 @@ class _BlockedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, h0, reverse):
         B, L, D = a.shape
-        C = _chunk_size(L)
+        C = _chunk_size(L, B * D)
         a4, b4 = _chunked(a, C, 1.0), _chunked(b, C, 0.0)
         h4 = torch.empty(b4.shape, dtype=b4.dtype, device=b4.device)
         last = _two_pass(lambda c: a4[:, :, c], lambda c: b4[:, :, c], h0, h4, reverse)

@@ -1,10 +1,15 @@
 """Chunked selective scan in pure torch: the fast path on CPU.
 
-Time is cut into chunks of ``chunk_size``; inside a chunk the linear recurrence ``h_t = a_t h_{t-1} + b_t``
-runs as a work-efficient (Blelloch-style, odd/even) parallel scan, across chunks the ``(B, E, N)`` state is
-carried by a Python loop over chunks only. A custom autograd function keeps memory bounded: the forward
-stores the state only at chunk starts, the backward recomputes each chunk's states and runs the reverse
-scan ``g_t = C_t dy_t + a_{t+1} g_{t+1}``. No ``(B, L, E, N)`` tensor is ever built for the whole sequence.
+Tensors are laid out time-major, ``(L, B, G, Eg)`` per channel and ``(T, B, G, Eg, N)`` for a chunk's states,
+so the state at one step is one contiguous ``(B, G, Eg, N)`` slab. Time is cut into chunks of ``chunk_size``;
+inside a chunk the decays ``a_t = exp(dt_t A)`` and inputs ``b_t = dt_t u_t B_t`` are formed for all steps at
+once, then the recurrence ``h_t = a_t h_{t-1} + b_t`` runs step by step *in place* (one fused multiply-add per
+step on a slab that stays in cache), and ``y_t = C_t . h_t`` is one batched matmul per chunk. The custom
+autograd function keeps memory bounded: the forward stores the state only at chunk starts; the backward
+recomputes each chunk's states and runs the reverse recurrence ``g_t = C_t dy_t + a_{t+1} g_{t+1}`` the
+same way, forming every gradient with elementwise passes and batched matmuls over the chunk. Each pass
+touches a chunk-sized tensor a constant number of times, so the work is linear in L with few memory passes;
+no ``(B, L, E, N)`` tensor is ever built for the whole sequence.
 """
 
 from __future__ import annotations
@@ -28,57 +33,56 @@ def _addcmul_into(x: torch.Tensor, a: torch.Tensor, s: torch.Tensor, out: torch.
     return torch.addcmul(x, a, s, out=out)
 
 
-def _scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Inclusive ``h_t = a_t h_{t-1} + b_t`` along dim 1 (``h_{-1} = 0``); dim 1 is a power of two."""
-    if a.shape[1] == 1:
-        return b
-    a0, a1, b0, b1 = a[:, 0::2], a[:, 1::2], b[:, 0::2], b[:, 1::2]
-    odd = _scan(a1 * a0, torch.addcmul(b1, a1, b0))  # states at t = 1, 3, 5, ...
-    h = torch.empty_like(b)
-    h[:, 1::2] = odd
-    h[:, 0] = b[:, 0]
-    _addcmul_into(b0[:, 1:], a0[:, 1:], odd[:, :-1], h[:, 2::2])
-    return h
+def _mul_into(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = x * y`` into a preallocated buffer (fresh chunk-sized tensors would cost page faults every chunk)."""
+    if torch.compiler.is_compiling():
+        return out.copy_(x * y)
+    return torch.mul(x, y, out=out)
 
 
-def _reverse_scan(c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``g_t = s_t + c_t g_{t+1}`` along dim 1 (``g_T = 0``); dim 1 is a power of two."""
-    if c.shape[1] == 1:
-        return s
-    c0, c1, s0, s1 = c[:, 0::2], c[:, 1::2], s[:, 0::2], s[:, 1::2]
-    even = _reverse_scan(c0 * c1, torch.addcmul(s0, c0, s1))  # g at t = 0, 2, 4, ...
-    g = torch.empty_like(s)
-    g[:, 0::2] = even
-    g[:, -1] = s[:, -1]
-    _addcmul_into(s1[:, :-1], c1[:, :-1], even[:, 1:], g[:, 1:-1:2])
-    return g
+def _bmm_into(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Batched matmul of ``x (M, p, q)`` and ``y (M, q, r)`` written into ``out`` (any view of M * p * r elements)."""
+    if torch.compiler.is_compiling():
+        return out.copy_(torch.bmm(x, y).view(out.shape))
+    torch.bmm(x, y, out=out.view(x.shape[0], x.shape[1], y.shape[2]))
+    return out
 
 
-def _chunk_states(x, dt, A, Bm, keep, h):
-    """States of one chunk: x, dt ``(B, T, G, Eg)``, Bm ``(B, T, G, N)``, h the state before it."""
-    a = (dt[..., None] * A).exp_()  # (B, T, G, Eg, N)
+def _chunk_states(x, dt, A, Bm, keep, h, a, hs):
+    """Decays ``a`` and states ``hs`` of one chunk, both ``(T, B, G, Eg, N)``, written into the given buffers.
+
+    x, dt ``(T, B, G, Eg)``; A ``(G, Eg, N)``; Bm ``(T, B, G, N)``; keep ``(T,)`` or None (0 at a sequence start);
+    h ``(B, G, Eg, N)`` the state before the chunk.
+    """
+    a = _mul_into(dt[..., None], A, a).exp_()
     if keep is not None:
-        a.mul_(keep[:, None, None, None])
-    b = (dt * x)[..., None] * Bm[:, :, :, None, :]  # (B, T, G, Eg, N)
-    b[:, 0].addcmul_(a[:, 0], h)
-    return a, b, _scan(a, b)
+        a.mul_(keep[:, None, None, None, None])
+    hs = _mul_into((dt * x)[..., None], Bm[:, :, :, None, :], hs)  # b_t, overwritten by h_t below
+    prev = h
+    for a_t, h_t in zip(a.unbind(0), hs.unbind(0)):
+        prev = _addcmul_into(h_t, a_t, prev, h_t)
+    return a, hs
 
 
 class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, Bm, Cm, h0, keep, chunk):
-        # x, dt (B, L, G, Eg); A (G, Eg, N); Bm, Cm (B, L, G, N); h0 (B, G, Eg, N); keep (L,) or None
-        Bsz, L, G, Eg = x.shape
+        # x, dt (L, B, G, Eg); A (G, Eg, N); Bm, Cm (L, B, G, N); h0 (B, G, Eg, N); keep (L,) or None
+        L, Bsz, G, Eg = x.shape
+        N = A.shape[-1]
+        T0 = min(chunk, L)
+        a_buf, hs_buf = (x.new_empty(T0, Bsz, G, Eg, N) for _ in range(2))  # reused by every chunk
         y = torch.empty_like(x)
-        starts = []
+        starts = x.new_empty(-(-L // chunk), Bsz, G, Eg, N)
         h = h0
-        for c0 in range(0, L, chunk):
+        for i, c0 in enumerate(range(0, L, chunk)):
             sl = slice(c0, c0 + chunk)
-            starts.append(h)
-            _, _, hs = _chunk_states(x[:, sl], dt[:, sl], A, Bm[:, sl], None if keep is None else keep[sl], h)
-            y[:, sl] = torch.einsum("btgen,btgn->btge", hs, Cm[:, sl])
-            h = hs[:, -1].clone()  # not a view: the chunk's states must be freed
-        ctx.save_for_backward(x, dt, A, Bm, Cm, keep, torch.stack(starts))
+            T = min(chunk, L - c0)
+            starts[i] = h
+            _, hs = _chunk_states(x[sl], dt[sl], A, Bm[sl], None if keep is None else keep[sl], h, a_buf[:T], hs_buf[:T])
+            _bmm_into(hs.view(-1, Eg, N), Cm[sl].reshape(-1, N, 1), y[sl])
+            h = hs[-1].clone()  # not a view of the reused buffer
+        ctx.save_for_backward(x, dt, A, Bm, Cm, keep, starts)
         ctx.chunk = chunk
         return y, h
 
@@ -86,29 +90,38 @@ class _ChunkedScan(torch.autograd.Function):
     def backward(ctx, gy, gh):
         x, dt, A, Bm, Cm, keep, starts = ctx.saved_tensors
         chunk = ctx.chunk
-        L = x.shape[1]
+        L, Bsz, G, Eg = x.shape
+        N = A.shape[-1]
+        gy = gy.contiguous() if gy is not None else torch.zeros_like(x)  # None when only the final state is used
         gx, gdt = torch.empty_like(x), torch.empty_like(dt)
         gB, gC = torch.empty_like(Bm), torch.empty_like(Cm)
-        gA = torch.zeros_like(A)
-        carry = gh  # dLoss/dh at the end of the current chunk, from the future
+        T0 = min(chunk, L)
+        a_buf, hs_buf, g_buf = (x.new_empty(T0, Bsz, G, Eg, N) for _ in range(3))  # reused by every chunk
+        gA_acc = x.new_zeros(T0, Bsz, G, Eg, N)  # per-position sums of dLoss/d(dt A) * dt; reduced once at the end
+        carry = gh if gh is not None else torch.zeros_like(starts[0])  # dLoss/dh at the chunk's end, from the future
         for i, c0 in reversed(list(enumerate(range(0, L, chunk)))):
             sl = slice(c0, c0 + chunk)
-            xc, dtc, Bc, Cc, gyc = x[:, sl], dt[:, sl], Bm[:, sl], Cm[:, sl], gy[:, sl]
-            a, b, hs = _chunk_states(xc, dtc, A, Bc, None if keep is None else keep[sl], starts[i])
-            s = gyc[..., None] * Cc[:, :, :, None, :]  # (B, T, G, Eg, N)
-            s[:, -1] += carry
-            shifted = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1)  # a_{t+1}
-            g = _reverse_scan(shifted, s)  # dLoss/dh_t
-            gC[:, sl] = torch.einsum("btge,btgen->btgn", gyc, hs)
-            gq = g * hs.sub_(b)  # dLoss/d(dt_t * A) = g_t * a_t * h_{t-1}, and a_t h_{t-1} = h_t - b_t ...
-            gq[:, 0] = g[:, 0] * a[:, 0] * starts[i]  # ... except at t = 0, where b_0 already holds a_0 h_start
-            gBsum = torch.einsum("btgen,btgn->btge", g, Bc)
-            gdt[:, sl] = (gq * A).sum(-1) + gBsum * xc
-            gx[:, sl] = gBsum * dtc
-            gA += torch.einsum("btgen,btge->gen", gq, dtc)
-            gB[:, sl] = torch.einsum("btgen,btge->btgn", g, dtc * xc)
-            carry = a[:, 0] * g[:, 0]
-        return gx, gdt, gA, gB, gC, carry, None, None
+            T = min(chunk, L - c0)
+            M = T * Bsz * G
+            xc, dtc, Bc, Cc, gyc = x[sl], dt[sl], Bm[sl], Cm[sl], gy[sl]
+            a, hs = _chunk_states(xc, dtc, A, Bc, None if keep is None else keep[sl], starts[i], a_buf[:T], hs_buf[:T])
+            _bmm_into(gyc.reshape(M, 1, Eg), hs.view(M, Eg, N), gC[sl])
+            g = _mul_into(gyc[..., None], Cc[:, :, :, None, :], g_buf[:T])  # C_t dy_t, turned into dLoss/dh_t below
+            g[-1].add_(carry)
+            gs, as_ = g.unbind(0), a.unbind(0)
+            for t in range(T - 2, -1, -1):
+                _addcmul_into(gs[t], as_[t + 1], gs[t + 1], gs[t])
+            carry = a[0] * g[0]
+            # dLoss/d(dt_t A) = g_t * a_t * h_{t-1}, formed in a's buffer
+            a[1:].mul_(hs[:-1])
+            a[0].mul_(starts[i])
+            gq = a.mul_(g)
+            _bmm_into((dtc * xc).reshape(M, 1, Eg), g.view(M, Eg, N), gB[sl])
+            gBsum = torch.bmm(g.view(M, Eg, N), Bc.reshape(M, N, 1)).view(T, Bsz, G, Eg)  # sum_n g B
+            gdt[sl] = torch.addcmul(torch.einsum("tbgen,gen->tbge", gq, A), gBsum, xc)
+            gx[sl] = gBsum * dtc
+            gA_acc[:T].addcmul_(gq, dtc[..., None])
+        return gx, gdt, gA_acc.sum((0, 1)), gB, gC, carry, None, None
 
 
 def selective_scan_chunked(
@@ -125,38 +138,39 @@ def selective_scan_chunked(
     *,
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int = 16,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Chunked selective scan; same arguments as :func:`zoo.kernels.selective_scan`."""
-    if chunk_size < 1 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"selective_scan: chunk_size must be a power of two, got {chunk_size}.")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"selective_scan: chunk_size must be a positive int, got {chunk_size!r}.")
     f = compute_dtype(u.dtype)
     Bsz, E, L = u.shape
     N = A.shape[-1]
     Bg, Cg = grouped(B), grouped(C)
     G = Bg.shape[1]
     Eg = E // G
-    dt = delta.to(f)
+
+    def time_major(t: torch.Tensor) -> torch.Tensor:  # (B, E, L) -> (L, B, E), contiguous
+        return t.to(f).permute(2, 0, 1).contiguous()
+
+    # Everything per channel runs time-major, so no elementwise op (forward or backward) walks a strided layout.
+    uf, dt = time_major(u), time_major(delta)
     if delta_bias is not None:
-        dt = dt + delta_bias.to(f)[:, None]
+        dt = dt + delta_bias.to(f)
     if delta_softplus:
         dt = F.softplus(dt)
-    uf = u.to(f)
-    T = min(chunk_size, 1 << max(L - 1, 0).bit_length())  # short inputs use one small chunk
-    pad = (-L) % T  # padded steps have dt = 0: decay 1 and input 0, the state passes through unchanged
-    x = F.pad(uf, (0, pad)).transpose(1, 2).reshape(Bsz, L + pad, G, Eg).contiguous()  # (B, L', G, Eg)
-    dtx = F.pad(dt, (0, pad)).transpose(1, 2).reshape(Bsz, L + pad, G, Eg).contiguous()
-    Bm = F.pad(Bg.to(f), (0, pad)).permute(0, 3, 1, 2).contiguous()  # (B, L', G, N)
-    Cm = F.pad(Cg.to(f), (0, pad)).permute(0, 3, 1, 2).contiguous()
+    Bm = Bg.to(f).permute(3, 0, 1, 2).contiguous()  # (L, B, G, N)
+    Cm = Cg.to(f).permute(3, 0, 1, 2).contiguous()
     keep = None
     if cu_seqlens is not None:
-        keep = F.pad((~sequence_starts(cu_seqlens, L)).to(f), (0, pad), value=1.0)  # decay 0 at sequence starts
+        keep = (~sequence_starts(cu_seqlens, L)).to(f)  # decay 0 at sequence starts
     h0 = initial_state.to(f).reshape(Bsz, G, Eg, N) if initial_state is not None else uf.new_zeros(Bsz, G, Eg, N)
-    y, h = _ChunkedScan.apply(x, dtx, A.to(f).reshape(G, Eg, N), Bm, Cm, h0, keep, T)
-    y = y[:, :L].reshape(Bsz, L, E).transpose(1, 2)  # (B, E, L)
+    y, h = _ChunkedScan.apply(uf.view(L, Bsz, G, Eg), dt.view(L, Bsz, G, Eg), A.to(f).reshape(G, Eg, N), Bm, Cm, h0,
+                              keep, chunk_size)
+    y = y.view(L, Bsz, E)
     if D is not None:
-        y = y + uf * D.to(f)[:, None]
+        y = y + uf * D.to(f)
     if z is not None:
-        y = y * F.silu(z.to(f))
-    out = y.to(u.dtype)
+        y = y * F.silu(time_major(z))
+    out = y.to(u.dtype).permute(1, 2, 0)  # (B, E, L), a view of the time-major result
     return (out, h.reshape(Bsz, E, N)) if return_last_state else out

@@ -1,15 +1,19 @@
-"""``ssd``: the Mamba-2 state-space dual scan, as a thin call of :func:`zoo.kernels.chunk_gla`.
+"""``ssd``: the Mamba-2 state-space dual scan.
 
 Per head h with group ``h // (H / G)``: ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T`` (state P x N),
 ``y_t = h_t C_t + D x_t``. That is gated linear attention with q = C, k = B, v = x * dt, log-decay dt * A
-and scale 1.
+and scale 1: the Triton backend is a thin call of :func:`zoo.kernels.chunk_gla`; the torch backend
+(``chunked.py``) shares each group's B and C across its heads instead of repeating them.
 """
 
 from __future__ import annotations
 
 import torch
 
+from zoo.kernels._dispatch import resolve_backend
 from zoo.kernels.gla import chunk_gla
+from zoo.kernels.ssd_scan.chunked import ssd_chunked
+from zoo.packing import validate_cu_seqlens
 
 __all__ = ["ssd"]
 
@@ -49,18 +53,28 @@ def ssd(
         raise ValueError(f"ssd: ngroups {groups} must divide the number of heads {h}.")
     if D is not None and tuple(D.shape) != (h,):
         raise ValueError(f"ssd: D must be ({h},) or None; got {tuple(D.shape)}.")
-    rep = h // groups
-    q = C.repeat_interleave(rep, dim=2)  # (b, l, h, n)
-    k = B.repeat_interleave(rep, dim=2)  # (b, l, h, n)
-    v = x * dt[..., None].to(x.dtype)  # (b, l, h, p)
-    ct = torch.promote_types(dt.dtype, torch.float32)
-    g = dt.to(ct) * A.to(ct)  # (b, l, h) log-decay
     n_seq = b if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None and tuple(initial_state.shape) != (n_seq, h, p, B.shape[-1]):
         raise ValueError(
             f"ssd: initial_state must be ({n_seq}, {h}, {p}, {B.shape[-1]}) (batch|sequences, heads, headdim, d_state); "
             f"got {tuple(initial_state.shape)}."
         )
+    if backend in (None, "torch") and resolve_backend(backend, x, op="ssd") == "torch":
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"ssd: chunk_size must be a positive int, got {chunk_size!r}.")
+        if cu_seqlens is not None:
+            validate_cu_seqlens(cu_seqlens, l, op="ssd", batch=b)
+        y, final = ssd_chunked(x, dt, A, B, C, chunk_size=chunk_size, initial_state=initial_state, cu_seqlens=cu_seqlens)
+        y = y.to(x.dtype)
+        if D is not None:
+            y = y + x * D[:, None].to(x.dtype)
+        return (y, final) if return_final_state else y
+    rep = h // groups
+    q = C.repeat_interleave(rep, dim=2)  # (b, l, h, n)
+    k = B.repeat_interleave(rep, dim=2)  # (b, l, h, n)
+    v = x * dt[..., None].to(x.dtype)  # (b, l, h, p)
+    ct = torch.promote_types(dt.dtype, torch.float32)
+    g = dt.to(ct) * A.to(ct)  # (b, l, h) log-decay
     h0 = initial_state.transpose(-1, -2) if initial_state is not None else None  # (b, h, n, p)
     y, final = chunk_gla(
         q, k, v, g, scale=1.0, initial_state=h0, output_final_state=return_final_state,

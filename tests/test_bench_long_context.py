@@ -29,7 +29,7 @@ def test_quick_run_measures_every_case_and_records_only_when_asked(tmp_path, cap
     assert _digest(docs) == before, "a run without --record must not write docs/benchmarks.md"
     rows = [ln for ln in printed.splitlines() if ln.startswith("| ") and " | 32 | " in ln]
     names = {(r.split("|")[1].strip(), r.split("|")[2].strip()) for r in rows}
-    expected = {(m, s) for m in bench.ZOO_MODELS for s in ("plain", "tiled", "tiled+ckpt")}
+    expected = {(m, s) for m in bench.ZOO_MODELS for s in ("plain", "tiled", "tiled+ckpt-blocks", "tiled+ckpt")}
     expected |= {(m, s) for m in bench.HF_MODELS for s in bench.HF_SETTINGS}
     assert names == expected
     for r in rows:  # a number in the memory and time columns, no failure
@@ -51,3 +51,14 @@ def test_child_subprocess_reports_peak_memory():
     args = bench.parse_args(["--quick", "--device", "cpu"])
     res = bench.run_child("mamba2", "tiled+ckpt", 32, args)
     assert res["peak_bytes"] > 0 and res["seconds"] > 0 and res["params"] > 0, res
+
+
+def test_plot_from_recorded_tables(tmp_path):
+    bench = _load_script()
+    md = tmp_path / "b.md"
+    md.write_text("| model | setting | L | peak MiB | KB/token | marginal KB/token | µs/token | vs plain (time) |\n"
+                  "|---|---|---|---|---|---|---|---|\n| mamba2 | tiled+ckpt | 4096 | 1224 | 187.8 |  | 1342 | 1.39x |\n"
+                  "| mamba2 | tiled+ckpt | 16384 | 1974 | 94.96 | 64.02 | 1234 |  |\n| mamba2 | plain | 16384 | > 8 GB |  |  |  |  |\n")
+    assert len(bench.rows_from_records([md])) == 3
+    assert bench.main(["--plot-records", str(md), "--plot", str(tmp_path / "m.png")]) == 0
+    assert (tmp_path / "m.png").stat().st_size > 0

@@ -14,6 +14,7 @@ from zoo.kernels._dispatch import resolve_backend
 from zoo.kernels.gla import chunk_gla
 from zoo.kernels.ssd_scan.chunked import ssd_chunked
 from zoo.packing import validate_cu_seqlens
+from zoo.parallel import sequence
 
 __all__ = ["ssd"]
 
@@ -59,7 +60,8 @@ def ssd(
             f"ssd: initial_state must be ({n_seq}, {h}, {p}, {B.shape[-1]}) (batch|sequences, heads, headdim, d_state); "
             f"got {tuple(initial_state.shape)}."
         )
-    if backend in (None, "torch") and resolve_backend(backend, x, op="ssd") == "torch":
+    # The grouped torch path; under sequence parallelism the chunk_gla form below runs (it is routed to LASP-2).
+    if backend in (None, "torch") and sequence.active() is None and resolve_backend(backend, x, op="ssd") == "torch":
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"ssd: chunk_size must be a positive int, got {chunk_size!r}.")
         if cu_seqlens is not None:

@@ -20,7 +20,7 @@ from torch import nn
 from zoo import kernels
 from zoo.mixers.base import Mixer
 from zoo.nn import GatedRMSNorm
-from zoo.nn.init import dt_bias_init, ssd_heads
+from zoo.nn.init import SSD_PARAMETERS, build_ssd
 from zoo.packing import seq_ids, seq_index, seq_lengths
 from zoo.parallel import sequence as sp
 from zoo.registry import register_mixer
@@ -57,8 +57,7 @@ class Hydra(Mixer):
 
     causal = False
     has_step = False
-    no_weight_decay = ("dt_bias", "A_log", "D")  # no weight decay (zoo.train.optim.no_decay_names)
-    keep_in_fp32 = ("dt_bias", "A_log", "D")  # SSM parameters stay float32 in a bf16 model (modeling reads it)
+    no_weight_decay = keep_in_fp32 = SSD_PARAMETERS  # no weight decay; float32 in a bf16 model (modeling reads it)
 
     def __init__(
         self,
@@ -79,17 +78,14 @@ class Hydra(Mixer):
         conv_bias: bool = True,
     ) -> None:
         super().__init__(d_model, layer_idx=layer_idx)
-        d_inner, nheads = ssd_heads("hydra", d_model, expand, headdim, ngroups)
         if d_conv < 1 or d_conv % 2 == 0:
             raise ValueError(f"hydra: d_conv must be odd so the non-causal conv is centred; got {d_conv}, use e.g. 7.")
-        self.d_state, self.d_conv, self.headdim, self.ngroups, self.chunk_size = d_state, d_conv, headdim, ngroups, chunk_size
-        self.d_inner, self.nheads = d_inner, nheads
-        self.conv_dim = d_inner + 4 * ngroups * d_state  # x, then B and C for each direction
-        self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + 2 * nheads, bias=bias)  # [z, xBC, dt_f|dt_b]
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv // 2, bias=conv_bias)
-        self.dt_bias = nn.Parameter(dt_bias_init(nheads, dt_min, dt_max, dt_init_floor))  # shared by both directions
-        self.A_log = nn.Parameter(torch.zeros(nheads))  # A = -1 at init, shared by both directions
-        self.D = nn.Parameter(torch.ones(nheads))
+        # in_proj gives [z, xBC, dt_f|dt_b]; x, then B and C for each direction go through the conv; dt_bias, A and
+        # D are shared by both directions, A = -1 at init.
+        build_ssd(self, "hydra", d_model, directions=2, d_state=d_state, d_conv=d_conv, conv_padding=d_conv // 2,
+                  expand=expand, headdim=headdim, ngroups=ngroups, chunk_size=chunk_size, dt_min=dt_min, dt_max=dt_max,
+                  dt_init_floor=dt_init_floor, bias=bias, conv_bias=conv_bias, a_log=torch.zeros)
+        d_inner, nheads = self.d_inner, self.nheads
         self.fc_D = nn.Linear(d_inner, nheads, bias=False)  # the data-dependent part of the diagonal
         self.norm = GatedRMSNorm(d_inner, eps=norm_eps, norm_before_gate=True, group_size=d_inner // ngroups)
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
@@ -198,14 +194,7 @@ class Hydra(Mixer):
         carry_in, carry_out = sp.carry_rows(shard, rows, reverse=reverse)
         return sp.lasp(run, transition, carry_in=carry_in, carry_out=carry_out, shard=shard, reverse=reverse)[0]
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        *,
-        cache=None,
-        attention_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x, *, cache=None, attention_mask=None, cu_seqlens=None):
         """``x (B, L, D) -> (B, L, D)``; every position sees the whole (unpadded, own) sequence."""
         if cache is not None:
             raise ValueError("hydra is bidirectional and keeps no recurrent state; call it without a cache (no generation).")

@@ -15,7 +15,7 @@ from torch import nn
 from zoo import kernels
 from zoo.mixers.base import RecurrentMixer, State
 from zoo.nn import GatedRMSNorm
-from zoo.nn.init import dt_bias_init, ssd_heads
+from zoo.nn.init import SSD_PARAMETERS, build_ssd
 from zoo.packing import last_inputs
 from zoo.registry import register_mixer
 
@@ -41,8 +41,7 @@ class Mamba2(RecurrentMixer):
     )
     test_settings = {"d_state": 16, "headdim": 8, "chunk_size": 8}
 
-    no_weight_decay = ("dt_bias", "A_log", "D")  # no weight decay (zoo.train.optim.no_decay_names)
-    keep_in_fp32 = ("dt_bias", "A_log", "D")  # SSM parameters stay float32 in a bf16 model (modeling reads it)
+    no_weight_decay = keep_in_fp32 = SSD_PARAMETERS  # no weight decay; float32 in a bf16 model (modeling reads it)
 
     def __init__(
         self,
@@ -63,17 +62,13 @@ class Mamba2(RecurrentMixer):
         conv_bias: bool = True,
     ) -> None:
         super().__init__(d_model, layer_idx=layer_idx)
-        d_inner, nheads = ssd_heads("mamba2", d_model, expand, headdim, ngroups)
         if not 2 <= d_conv <= 4:
             raise ValueError(f"mamba2: conv width d_conv={d_conv} is not supported; the causal conv kernels take 2 to 4 (default 4).")
-        self.d_state, self.d_conv, self.headdim, self.ngroups, self.chunk_size = d_state, d_conv, headdim, ngroups, chunk_size
-        self.d_inner, self.nheads = d_inner, nheads
-        self.conv_dim = d_inner + 2 * ngroups * d_state
-        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * ngroups * d_state + nheads, bias=bias)  # [z, x, B, C, dt]
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=conv_bias)
-        self.dt_bias = nn.Parameter(dt_bias_init(nheads, dt_min, dt_max, dt_init_floor))
-        self.A_log = nn.Parameter(torch.log(torch.empty(nheads).uniform_(1, 16)))  # A = -exp(A_log), A ~ U(1, 16)
-        self.D = nn.Parameter(torch.ones(nheads))
+        build_ssd(self, "mamba2", d_model, directions=1, d_state=d_state, d_conv=d_conv, conv_padding=d_conv - 1,
+                  expand=expand, headdim=headdim, ngroups=ngroups, chunk_size=chunk_size, dt_min=dt_min, dt_max=dt_max,
+                  dt_init_floor=dt_init_floor, bias=bias, conv_bias=conv_bias,
+                  a_log=lambda h: torch.log(torch.empty(h).uniform_(1, 16)))  # A ~ U(1, 16)
+        d_inner = self.d_inner
         self.norm = GatedRMSNorm(d_inner, eps=norm_eps, norm_before_gate=False, group_size=d_inner // ngroups)
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+from torch import nn
 
 
 def dt_bias_init(shape: int | tuple[int, ...], dt_min: float = 1e-3, dt_max: float = 1e-1,
@@ -33,3 +35,31 @@ def ssd_heads(op: str, d_model: int, expand: int, headdim: int, ngroups: int) ->
     if ngroups < 1 or nheads % ngroups:
         raise ValueError(f"{op}: ngroups {ngroups} must divide the number of heads {nheads} (= expand * d_model / headdim).")
     return d_inner, nheads
+
+
+#: The SSM parameters of a Mamba-2-style mixer: no weight decay, and float32 in a bf16 model.
+SSD_PARAMETERS = ("dt_bias", "A_log", "D")
+
+
+def build_ssd(module: nn.Module, op: str, d_model: int, *, directions: int, d_state: int, d_conv: int,
+              conv_padding: int, expand: int, headdim: int, ngroups: int, chunk_size: int, dt_min: float,
+              dt_max: float, dt_init_floor: float, bias: bool, conv_bias: bool,
+              a_log: Callable[[int], torch.Tensor]) -> None:
+    """The constructor part Mamba-2 and Hydra share: sizes, ``in_proj``, ``conv1d``, ``dt_bias``, ``A_log``, ``D``.
+
+    ``directions`` SSD scans (Mamba-2 1, Hydra 2) each read their own B, C (``ngroups * d_state`` each) and dt
+    from ``in_proj``'s ``[z, x, B, C (per direction), dt (per direction)]``; the depthwise conv runs over x and
+    every B and C with ``conv_padding`` (causal ``d_conv - 1``, centred ``d_conv // 2``); dt_bias, A and D are
+    per head and shared by the directions. ``a_log(nheads)`` gives A_log's initial value. The parameters are
+    created in this order, so a seeded init is the same as each mixer writing them itself.
+    """
+    d_inner, nheads = ssd_heads(op, d_model, expand, headdim, ngroups)
+    module.d_state, module.d_conv, module.headdim, module.ngroups, module.chunk_size = d_state, d_conv, headdim, ngroups, chunk_size
+    module.d_inner, module.nheads = d_inner, nheads
+    module.conv_dim = d_inner + 2 * directions * ngroups * d_state
+    module.in_proj = nn.Linear(d_model, d_inner + module.conv_dim + directions * nheads, bias=bias)
+    module.conv1d = nn.Conv1d(module.conv_dim, module.conv_dim, d_conv, groups=module.conv_dim, padding=conv_padding,
+                              bias=conv_bias)
+    module.dt_bias = nn.Parameter(dt_bias_init(nheads, dt_min, dt_max, dt_init_floor))
+    module.A_log = nn.Parameter(a_log(nheads))  # A = -exp(A_log)
+    module.D = nn.Parameter(torch.ones(nheads))

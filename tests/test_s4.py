@@ -49,16 +49,15 @@ def test_fft_conv_matches_direct_convolution(dtype, tol, kshape):
         assert rel(g.double(), g_ref.double()) < tol
 
 
-def test_fft_conv_bad_input_fails_clearly():
-    u = torch.randn(1, 2, 5)
-    with pytest.raises(ValueError, match="k must be"):
-        fft_conv(u, torch.randn(3, 5))
-    with pytest.raises(ValueError, match="2L=10"):
-        fft_conv(u, torch.randn(2, 7))
-    with pytest.raises(ValueError, match="D must have shape"):
-        fft_conv(u, torch.randn(2, 5), torch.randn(3))
-    with pytest.raises(ValueError, match="no 'triton' kernel"):
-        fft_conv(u, torch.randn(2, 5), backend="triton")
+@pytest.mark.parametrize("call, match", [
+    (lambda u: fft_conv(u, torch.randn(3, 5)), "k must be"),
+    (lambda u: fft_conv(u, torch.randn(2, 7)), "2L=10"),
+    (lambda u: fft_conv(u, torch.randn(2, 5), torch.randn(3)), "D must have shape"),
+    (lambda u: fft_conv(u, torch.randn(2, 5), backend="triton"), "no 'triton' kernel"),
+])
+def test_fft_conv_bad_input_fails_clearly(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(torch.randn(1, 2, 5))
 
 
 # ----- kernels ---------------------------------------------------------------------------------
@@ -240,17 +239,19 @@ def test_registry_and_yaml():
     assert m.state_size() == cfg["model"]["d_model"] * m.d_state
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"d_state": 7}, "even"),
+    ({"mode": "s5"}, "mode must be"),
+    ({"init": "legt"}, "init for mode 's4d'"),
+    ({"mode": "dplr", "init": "lin"}, "HiPPO-LegS only"),
+    ({"dt_min": 0.1, "dt_max": 0.01}, "dt_min"),
+])
+def test_bad_config_fails_clearly(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        S4(4, **kwargs)
+
+
 def test_bad_input_fails_clearly():
-    with pytest.raises(ValueError, match="even"):
-        S4(4, d_state=7)
-    with pytest.raises(ValueError, match="mode must be"):
-        S4(4, mode="s5")
-    with pytest.raises(ValueError, match="init for mode 's4d'"):
-        S4(4, init="legt")
-    with pytest.raises(ValueError, match="HiPPO-LegS only"):
-        S4(4, mode="dplr", init="lin")
-    with pytest.raises(ValueError, match="dt_min"):
-        S4(4, dt_min=0.1, dt_max=0.01)
     bi = S4(4, d_state=4, bidirectional=True)
     with pytest.raises(RuntimeError, match="not causal"):
         bi.step(torch.randn(1, 4), {})

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from zoo import kernels
 from zoo.mixers.base import RecurrentMixer, State
-from zoo.nn import GatedRMSNorm
-from zoo.nn.init import SSD_PARAMETERS, build_ssd
+from zoo.nn.init import SSDLayer
 from zoo.packing import last_inputs
 from zoo.registry import register_mixer
 
 
 @register_mixer("mamba2")
-class Mamba2(RecurrentMixer):
+class Mamba2(SSDLayer, RecurrentMixer):
     """Mamba-2 / SSD mixer: ``(B, L, D) -> (B, L, D)`` with ``nheads = expand * d_model / headdim`` heads.
 
     Defaults are mamba_ssm's: ``d_state`` 128, ``d_conv`` 4, ``expand`` 2, ``headdim`` 64, ``ngroups`` 1 (B and C
@@ -41,36 +39,11 @@ class Mamba2(RecurrentMixer):
     )
     test_settings = {"d_state": 16, "headdim": 8, "chunk_size": 8}
 
-    no_weight_decay = keep_in_fp32 = SSD_PARAMETERS  # no weight decay; float32 in a bf16 model (modeling reads it)
-
-    def __init__(
-        self,
-        d_model: int,
-        *,
-        layer_idx: int = 0,
-        d_state: int = 128,
-        d_conv: int = 4,
-        expand: int = 2,
-        headdim: int = 64,
-        ngroups: int = 1,
-        chunk_size: int = 256,
-        dt_min: float = 1e-3,
-        dt_max: float = 1e-1,
-        dt_init_floor: float = 1e-4,
-        norm_eps: float = 1e-5,
-        bias: bool = False,
-        conv_bias: bool = True,
-    ) -> None:
-        super().__init__(d_model, layer_idx=layer_idx)
+    def __init__(self, d_model: int, *, d_conv: int = 4, **options) -> None:
+        """Options and parameters as :class:`zoo.nn.init.SSDLayer` makes them (its defaults are Mamba-2's)."""
         if not 2 <= d_conv <= 4:
             raise ValueError(f"mamba2: conv width d_conv={d_conv} is not supported; the causal conv kernels take 2 to 4 (default 4).")
-        build_ssd(self, "mamba2", d_model, directions=1, d_state=d_state, d_conv=d_conv, conv_padding=d_conv - 1,
-                  expand=expand, headdim=headdim, ngroups=ngroups, chunk_size=chunk_size, dt_min=dt_min, dt_max=dt_max,
-                  dt_init_floor=dt_init_floor, bias=bias, conv_bias=conv_bias,
-                  a_log=lambda h: torch.log(torch.empty(h).uniform_(1, 16)))  # A ~ U(1, 16)
-        d_inner = self.d_inner
-        self.norm = GatedRMSNorm(d_inner, eps=norm_eps, norm_before_gate=False, group_size=d_inner // ngroups)
-        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+        super().__init__(d_model, d_conv=d_conv, **options)
 
     def _split(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)

@@ -32,19 +32,25 @@ def _bounds(CU, i_n, L, VARLEN: tl.constexpr):
     return bos, T
 
 
+@triton.jit
+def _program_block(CU, L, D, VARLEN: tl.constexpr, W: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's sequence (first row, length) and channel block: channels ``d``, their mask and their offset
+    in the ``(N, D)`` states (``W`` floats per element: 2 for complex)."""
+    i_n = tl.program_id(0)
+    bos, T = _bounds(CU, i_n, L, VARLEN)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = d < D
+    return bos, T, d, m, (i_n.to(tl.int64) * D + d) * W
+
+
 @triton.jit(do_not_specialize=["L"])
 def _scan_fwd_kernel(
     A, X, H0, H, HL, CU, L, D,
     HAS_H0: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr, COMPLEX: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_d = tl.program_id(1)
     W: tl.constexpr = 2 if COMPLEX else 1
-    bos, T = _bounds(CU, i_n, L, VARLEN)
-    d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m = d < D
-    s_off = (i_n.to(tl.int64) * D + d) * W
+    bos, T, d, m, s_off = _program_block(CU, L, D, VARLEN, W, BLOCK_D)
     hr = tl.zeros([BLOCK_D], dtype=ACC)
     hi = tl.zeros([BLOCK_D], dtype=ACC)
     if HAS_H0:
@@ -77,13 +83,8 @@ def _scan_bwd_kernel(
     HAS_H0: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr, COMPLEX: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_d = tl.program_id(1)
     W: tl.constexpr = 2 if COMPLEX else 1
-    bos, T = _bounds(CU, i_n, L, VARLEN)
-    d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m = d < D
-    s_off = (i_n.to(tl.int64) * D + d) * W
+    bos, T, d, m, s_off = _program_block(CU, L, D, VARLEN, W, BLOCK_D)
     # carry = conj(a_next) * g_next, seeded with the gradient of the final state
     cr = tl.load(DHL + s_off, mask=m, other=0).to(ACC)
     ci = tl.zeros([BLOCK_D], dtype=ACC)

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import zoo  # noqa: E402
-from zoo.config import mixer_schema  # noqa: E402
+from zoo.config import constructor_options  # noqa: E402
 
 WIDTHS = (64, 128, 256)
 T_REF = 1024  # attention's state is reported at this many cached tokens
@@ -136,10 +136,8 @@ def describe(name: str, backends: dict[str, list[str]], math: str) -> tuple[str,
         "cuda": sorted({b for k in used for b in backends.get(k, []) if b.startswith("cuda")}),
         "lora": _lora_targets(model),
     }
-    schema = mixer_schema(cls)
-    sig = inspect.signature(cls.__init__)
-    rows = [f"| `{k}` | `{getattr(t, '__name__', str(t)).replace('typing.', '')}` | `{sig.parameters[k].default!r}` |"
-            for k, t in schema.items()]
+    rows = [f"| `{k}` | `{getattr(t, '__name__', str(t)).replace('typing.', '')}` | `{p.default!r}` |"
+            for k, (t, p) in constructor_options(cls).items()]
     sizes = []
     for d in WIDTHS:
         m = tiny_model(name, d).model.layers[0].mixer

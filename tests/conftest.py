@@ -90,6 +90,70 @@ def assert_packed_equals_separate(model, docs, *, rtol=1e-3, atol=1e-4) -> None:
             torch.testing.assert_close(out[:, a:b], model(d).logits, rtol=rtol, atol=atol)
 
 
+def run_steps(mixer, x: torch.Tensor, state=None):
+    """``mixer.step`` over every token of ``x (B, L, D)`` from ``state`` (zeros if None): outputs ``(B, L, D)``, last state."""
+    state = state if state is not None else mixer.init_state(x.shape[0], dtype=x.dtype)
+    ys = []
+    for t in range(x.shape[1]):
+        y, state = mixer.step(x[:, t], state)
+        ys.append(y)
+    return torch.stack(ys, 1), state
+
+
+def cached_chunks(mixer, x: torch.Tensor, bounds):
+    """A mixer fed ``x`` in the chunks ``[(a, b), ...]`` through one cache (prefill, chunked prefill, single-token
+    steps): the joined outputs, the full forward to compare them with, and the cache."""
+    from zoo.models.cache import RecurrentStateLayer, ZooCache
+
+    full = mixer(x)
+    cache = ZooCache([RecurrentStateLayer()])
+    return torch.cat([mixer(x[:, a:b], cache=cache) for a, b in bounds], 1), full, cache
+
+
+def assert_left_padded_decode_equals_separate(mixer, lens, extra: int, d_model: int, *, pad=torch.zeros,
+                                              tol: float = 1e-10) -> None:
+    """A mixer: left-padded prefill of sequences of lengths ``lens`` (float64), then ``extra`` decoding steps through
+    one cache, equals each sequence run alone (relative error below ``tol``); ``pad`` fills the padding."""
+    from zoo.models.cache import RecurrentStateLayer, ZooCache
+
+    T, B = max(lens), len(lens)
+    seqs = [torch.randn(1, n + extra, d_model, dtype=torch.float64) for n in lens]
+    x = pad(B, T, d_model, dtype=torch.float64)  # what the pads hold must not matter
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, n in enumerate(lens):
+        x[b, T - n :] = seqs[b][0, :n]
+        mask[b, T - n :] = 1
+    cache = ZooCache([RecurrentStateLayer()])
+    outs = [mixer(x, cache=cache, attention_mask=mask)]
+    for t in range(extra):
+        mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.long)], dim=1)
+        tok = torch.cat([s[:, lens[b] + t : lens[b] + t + 1] for b, s in enumerate(seqs)])
+        outs.append(mixer(tok, cache=cache, attention_mask=mask))
+    out = torch.cat(outs, dim=1)
+    for b, n in enumerate(lens):
+        ref = mixer(seqs[b])[0]
+        assert ((out[b, T - n :] - ref).norm() / ref.norm().clamp_min(1e-30)).item() < tol
+
+
+def assert_left_padded_batch_equals_separate(model, lens, vocab: int, *, rtol=1e-3, atol=1e-4,
+                                             max_new_tokens: int = 4) -> None:
+    """A causal LM on a left-padded batch of two sequences (lengths ``lens``): logits equal each sequence run alone,
+    and greedy ``generate`` continues each as it does alone."""
+    a, b = torch.randint(1, vocab, (1, lens[0])), torch.randint(1, vocab, (1, lens[1]))
+    T, pad = max(lens), lens[0] - lens[1]
+    batch = torch.zeros(2, T, dtype=torch.long)
+    batch[0], batch[1, pad:] = a[0], b[0]
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, :pad] = 0
+    with torch.no_grad():
+        out = model(batch, attention_mask=mask).logits
+        torch.testing.assert_close(out[0], model(a).logits[0], rtol=rtol, atol=atol)
+        torch.testing.assert_close(out[1, pad:], model(b).logits[0], rtol=rtol, atol=atol)
+        gen = model.generate(batch, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+        alone = model.generate(b, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    assert torch.equal(gen[1, T:], alone[0, lens[1] :])
+
+
 def load_script(name: str):
     """``scripts/<name>.py`` imported as module ``name`` (once: dataclasses look their module up in sys.modules)."""
     import importlib.util

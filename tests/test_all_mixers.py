@@ -2,7 +2,12 @@
 
 import pytest
 import torch
-from conftest import assert_decode_matches_forward, assert_packed_equals_separate, small_kwargs
+from conftest import (
+    assert_decode_matches_forward,
+    assert_left_padded_batch_equals_separate,
+    assert_packed_equals_separate,
+    small_kwargs,
+)
 from transformers import AutoModelForCausalLM
 
 import zoo
@@ -64,19 +69,7 @@ def test_generate_with_cache_equals_without_and_chunked_prefill(name):
 
 @pytest.mark.parametrize("name", causal_mixers())
 def test_left_padded_batch_equals_separate_sequences(name):
-    model = make(name)
-    a, b = torch.randint(1, V, (1, 8)), torch.randint(1, V, (1, 5))
-    batch = torch.zeros(2, 8, dtype=torch.long)
-    batch[0], batch[1, 3:] = a[0], b[0]
-    mask = torch.ones(2, 8, dtype=torch.long)
-    mask[1, :3] = 0
-    with torch.no_grad():
-        out = model(batch, attention_mask=mask).logits
-        torch.testing.assert_close(out[1, 3:], model(b).logits[0], rtol=1e-3, atol=1e-4)
-        torch.testing.assert_close(out[0], model(a).logits[0], rtol=1e-3, atol=1e-4)
-        gen = model.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
-        alone = model.generate(b, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert torch.equal(gen[1, 8:], alone[0, 5:])
+    assert_left_padded_batch_equals_separate(make(name), (8, 5), V)
 
 
 @pytest.mark.parametrize("name", causal_mixers())

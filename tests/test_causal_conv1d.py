@@ -121,20 +121,17 @@ def test_torch_any_width_equals_reference(W, monkeypatch):
         causal_conv1d(x, w, backend="triton")
 
 
-def test_bad_input_is_rejected():
-    x = torch.randn(2, 5, 8)
-    with pytest.raises(ValueError, match="at least 1"):
-        causal_conv1d(x, torch.randn(5, 0))
-    with pytest.raises(ValueError, match="weight must be"):
-        causal_conv1d(x, torch.randn(4, 4))
-    with pytest.raises(ValueError, match="initial_states"):
-        causal_conv1d(x, torch.randn(5, 4), initial_states=torch.zeros(2, 5, 2))
-    with pytest.raises(ValueError, match="conv_state"):
-        causal_conv1d_update(x[..., 0], torch.zeros(2, 5, 4), torch.randn(5, 4))
-    with pytest.raises(ValueError, match="activation"):
-        causal_conv1d(x, torch.randn(5, 4), activation="gelu")
-    with pytest.raises(ValueError, match="batch 1"):
-        causal_conv1d(x, torch.randn(5, 4), cu_seqlens=torch.tensor([0, 3, 8]))
+@pytest.mark.parametrize("call, match", [
+    (lambda x: causal_conv1d(x, torch.randn(5, 0)), "at least 1"),
+    (lambda x: causal_conv1d(x, torch.randn(4, 4)), "weight must be"),
+    (lambda x: causal_conv1d(x, torch.randn(5, 4), initial_states=torch.zeros(2, 5, 2)), "initial_states"),
+    (lambda x: causal_conv1d_update(x[..., 0], torch.zeros(2, 5, 4), torch.randn(5, 4)), "conv_state"),
+    (lambda x: causal_conv1d(x, torch.randn(5, 4), activation="gelu"), "activation"),
+    (lambda x: causal_conv1d(x, torch.randn(5, 4), cu_seqlens=torch.tensor([0, 3, 8])), "batch 1"),
+])
+def test_bad_input_is_rejected(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(torch.randn(2, 5, 8))
 
 
 @pytest.mark.skipif(

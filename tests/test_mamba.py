@@ -175,13 +175,12 @@ def test_long_sequence_bf16_is_finite():
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
 
 
-def test_bad_config_is_rejected():
-    with pytest.raises(ValueError, match="d_conv"):
-        Mamba(16, d_conv=5)
-    with pytest.raises(ValueError, match="dt_init"):
-        Mamba(16, dt_init="uniform")
-    with pytest.raises(ValueError, match="dt_min"):
-        Mamba(16, dt_min=0.2, dt_max=0.1)
+@pytest.mark.parametrize("kwargs, match", [
+    ({"d_conv": 5}, "d_conv"), ({"dt_init": "uniform"}, "dt_init"), ({"dt_min": 0.2, "dt_max": 0.1}, "dt_min"),
+])
+def test_bad_config_is_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Mamba(16, **kwargs)
 
 
 def test_config_file_builds_a_trainable_model():

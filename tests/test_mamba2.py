@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import assert_long_bf16_finite
+from conftest import assert_left_padded_decode_equals_separate, assert_long_bf16_finite, run_steps
 from transformers import Mamba2Config
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 
@@ -26,15 +26,6 @@ def make(dtype=F64, **kw) -> Mamba2:
     with torch.no_grad():  # larger dt than the init so decays matter over a few tokens
         m.dt_bias.add_(2.0)
     return m
-
-
-def run_steps(m: Mamba2, x: torch.Tensor, state=None):
-    state = state if state is not None else m.init_state(x.shape[0], dtype=x.dtype)
-    ys = []
-    for t in range(x.shape[1]):
-        y, state = m.step(x[:, t], state)
-        ys.append(y)
-    return torch.stack(ys, dim=1), state
 
 
 @pytest.mark.parametrize("ngroups", [1, 2])
@@ -111,23 +102,7 @@ def test_packed_equals_separate():
 
 def test_left_padded_equals_separate():
     """Left-padded prefill then decoding equals each sequence run alone (pads are the identity)."""
-    m = make()
-    lens, T, extra = [2, 6], 6, 3
-    seqs = [torch.randn(1, n + extra, 8, dtype=F64) for n in lens]
-    x = torch.randn(2, T, 8, dtype=F64)  # garbage in the pads must not matter
-    mask = torch.zeros(2, T, dtype=torch.long)
-    for b, n in enumerate(lens):
-        x[b, T - n :] = seqs[b][0, :n]
-        mask[b, T - n :] = 1
-    cache = ZooCache([RecurrentStateLayer()])
-    outs = [m(x, cache=cache, attention_mask=mask)]
-    for t in range(extra):
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
-        tok = torch.cat([s[:, lens[b] + t : lens[b] + t + 1] for b, s in enumerate(seqs)])
-        outs.append(m(tok, cache=cache, attention_mask=mask))
-    out = torch.cat(outs, dim=1)
-    for b, n in enumerate(lens):
-        assert rel(out[b, T - n :], m(seqs[b])[0]) < 1e-10
+    assert_left_padded_decode_equals_separate(make(), [2, 6], 3, 8, pad=torch.randn)
 
 
 def test_padded_decode_token_keeps_state():

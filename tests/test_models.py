@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import assert_left_padded_batch_equals_separate, assert_packed_equals_separate
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import zoo
@@ -84,30 +85,12 @@ def test_beam_search_and_sampling_run():
 
 
 def test_left_padded_batch_equals_separate_sequences():
-    model = model_for(tiny())
-    a, b = torch.randint(1, 97, (1, 9)), torch.randint(1, 97, (1, 5))
-    batch = torch.zeros(2, 9, dtype=torch.long)
-    batch[0], batch[1, 4:] = a[0], b[0]
-    mask = torch.ones(2, 9, dtype=torch.long)
-    mask[1, :4] = 0
-    with torch.no_grad():
-        out = model(batch, attention_mask=mask).logits
-        torch.testing.assert_close(out[0], model(a).logits[0], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(out[1, 4:], model(b).logits[0], rtol=1e-4, atol=1e-5)
-        gen = model.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
-        alone = model.generate(b, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert torch.equal(gen[1, 9:], alone[0, 5:])
+    assert_left_padded_batch_equals_separate(model_for(tiny()), (9, 5), 97, rtol=1e-4, atol=1e-5, max_new_tokens=5)
 
 
 def test_packed_equals_separate_sequences():
-    model = model_for(tiny())
-    a, b = torch.randint(1, 97, (1, 7)), torch.randint(1, 97, (1, 4))
-    packed = torch.cat([a, b], 1)
-    cu = torch.tensor([0, 7, 11], dtype=torch.int32)
-    with torch.no_grad():
-        out = model(packed, cu_seqlens=cu).logits
-    torch.testing.assert_close(out[:, :7], model(a).logits, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out[:, 7:], model(b).logits, rtol=1e-4, atol=1e-5)
+    docs = [torch.randint(1, 97, (1, 7)), torch.randint(1, 97, (1, 4))]
+    assert_packed_equals_separate(model_for(tiny()), docs, rtol=1e-4, atol=1e-5)
 
 
 def test_packed_loss_does_not_predict_across_documents():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_steps
 
 import zoo
 from zoo.kernels import triton_available
@@ -20,22 +21,13 @@ def make(**kw) -> MoM:
     return MoM(D, **{"n_heads": 2, "head_dim": 16, "chunk_size": 8, **kw}).double().eval()
 
 
-def step_loop(m: MoM, x: torch.Tensor, state=None):
-    state = state if state is not None else m.init_state(x.shape[0], dtype=x.dtype)
-    ys = []
-    for t in range(x.shape[1]):
-        y, state = m.step(x[:, t], state)
-        ys.append(y)
-    return torch.stack(ys, 1), state
-
-
 @pytest.mark.parametrize("memory", ["gated_delta", "gla"])
 @pytest.mark.parametrize("shared", [True, False])
 def test_scan_equals_step(memory, shared):
     m = make(memory=memory, shared_memory=shared)
     x = torch.randn(2, 19, D, dtype=torch.float64)
     y, s = m.scan(x, return_state=True)
-    y2, s2 = step_loop(m, x)
+    y2, s2 = run_steps(m, x)
     torch.testing.assert_close(y, y2, rtol=1e-10, atol=1e-10)
     for key in s:
         torch.testing.assert_close(s[key], s2[key], rtol=1e-10, atol=1e-10)
@@ -47,7 +39,7 @@ def test_scan_gradients_equal_step_gradients():
     params = [x, *m.parameters()]
     w = torch.randn(2, 11, D, dtype=torch.float64)
     g_scan = torch.autograd.grad((m.scan(x)[0] * w).sum(), params)
-    g_step = torch.autograd.grad((step_loop(m, x)[0] * w).sum(), params)
+    g_step = torch.autograd.grad((run_steps(m, x)[0] * w).sum(), params)
     names = ["x", *(n for n, _ in m.named_parameters())]
     for name, a, b in zip(names, g_scan, g_step):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=lambda s, n=name: f"d{n}: {s}")

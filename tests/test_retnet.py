@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import cached_chunks, run_steps
 
 from zoo.mixers.retnet import RetNet
 from zoo.models.cache import RecurrentStateLayer, ZooCache
@@ -16,15 +17,6 @@ def make(mode="chunk", d_model=32, dtype=F64, **kw):
     return RetNet(d_model, layer_idx=0, mode=mode, chunk_size=kw.pop("chunk_size", 16), **kw).to(dtype)
 
 
-def step_all(m, x, state=None):
-    state = state if state is not None else m.init_state(x.shape[0], dtype=x.dtype)
-    ys = []
-    for t in range(x.shape[1]):
-        y, state = m.step(x[:, t], state)
-        ys.append(y)
-    return torch.stack(ys, 1), state
-
-
 def test_registered():
     assert get_mixer("retnet") is RetNet
 
@@ -35,7 +27,7 @@ def test_parallel_equals_chunk_equals_recurrent():
     y_chunk, s_chunk = m.scan(x, return_state=True)
     m.mode = "parallel"
     y_par, s_par = m.scan(x, return_state=True)
-    y_rec, s_rec = step_all(m, x)
+    y_rec, s_rec = run_steps(m, x)
     torch.testing.assert_close(y_par, y_chunk)
     torch.testing.assert_close(y_rec, y_chunk)
     for s in (s_par, s_rec):
@@ -58,13 +50,9 @@ def test_forms_agree_in_float32_with_gradients():
 
 @pytest.mark.parametrize("mode", ["chunk", "parallel"])
 def test_decode_matches_full_forward(mode):
-    m = make(mode)
-    x = torch.randn(2, 30, 32, dtype=F64)
-    full = m(x)
-    cache = ZooCache([RecurrentStateLayer()])
-    outs = [m(x[:, :13], cache=cache), m(x[:, 13:21], cache=cache)]  # prefill, then chunked prefill
-    outs += [m(x[:, t : t + 1], cache=cache) for t in range(21, 30)]  # O(1) steps
-    torch.testing.assert_close(torch.cat(outs, 1), full)
+    bounds = [(0, 13), (13, 21), *((t, t + 1) for t in range(21, 30))]  # prefill, chunked prefill, O(1) steps
+    out, full, cache = cached_chunks(make(mode), torch.randn(2, 30, 32, dtype=F64), bounds)
+    torch.testing.assert_close(out, full)
     assert cache.get_seq_length() == 30
 
 

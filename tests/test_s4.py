@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import assert_long_bf16_finite
+from conftest import assert_left_padded_decode_equals_separate, assert_long_bf16_finite, cached_chunks
 
 from zoo.kernels import fft_conv
 from zoo.kernels.long_conv.reference import fft_conv_ref
@@ -49,16 +49,15 @@ def test_fft_conv_matches_direct_convolution(dtype, tol, kshape):
         assert rel(g.double(), g_ref.double()) < tol
 
 
-def test_fft_conv_bad_input_fails_clearly():
-    u = torch.randn(1, 2, 5)
-    with pytest.raises(ValueError, match="k must be"):
-        fft_conv(u, torch.randn(3, 5))
-    with pytest.raises(ValueError, match="2L=10"):
-        fft_conv(u, torch.randn(2, 7))
-    with pytest.raises(ValueError, match="D must have shape"):
-        fft_conv(u, torch.randn(2, 5), torch.randn(3))
-    with pytest.raises(ValueError, match="no 'triton' kernel"):
-        fft_conv(u, torch.randn(2, 5), backend="triton")
+@pytest.mark.parametrize("call, match", [
+    (lambda u: fft_conv(u, torch.randn(3, 5)), "k must be"),
+    (lambda u: fft_conv(u, torch.randn(2, 7)), "2L=10"),
+    (lambda u: fft_conv(u, torch.randn(2, 5), torch.randn(3)), "D must have shape"),
+    (lambda u: fft_conv(u, torch.randn(2, 5), backend="triton"), "no 'triton' kernel"),
+])
+def test_fft_conv_bad_input_fails_clearly(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(torch.randn(1, 2, 5))
 
 
 # ----- kernels ---------------------------------------------------------------------------------
@@ -150,13 +149,9 @@ def test_convolution_equals_recurrence_float32(mode):
 
 @pytest.mark.parametrize("mode", ["s4d", "dplr"])
 def test_chunked_prefill_and_decode_match_full_forward(mode):
-    m = make(mode)
-    x = torch.randn(2, 13, 3, dtype=F64)
-    full = m(x)
-    cache = ZooCache([RecurrentStateLayer()])
-    parts = [m(x[:, :5], cache=cache), m(x[:, 5:9], cache=cache)]
-    parts += [m(x[:, t : t + 1], cache=cache) for t in range(9, 13)]
-    assert rel(torch.cat(parts, dim=1), full) < 1e-10
+    bounds = [(0, 5), (5, 9), *((t, t + 1) for t in range(9, 13))]
+    out, full, cache = cached_chunks(make(mode), torch.randn(2, 13, 3, dtype=F64), bounds)
+    assert rel(out, full) < 1e-10
     assert cache.get_seq_length() == 13
 
 
@@ -200,24 +195,7 @@ def test_packed_final_states_equal_separate(mode):
 @pytest.mark.parametrize("mode", ["s4d", "dplr"])
 def test_left_padded_equals_separate(mode):
     """Prefill of a left-padded batch, then decoding, equals each sequence run alone."""
-    m = make(mode)
-    lens, T, extra = [3, 6], 6, 3
-    seqs = [torch.randn(1, n + extra, 3, dtype=F64) for n in lens]
-    x = torch.zeros(2, T, 3, dtype=F64)
-    mask = torch.zeros(2, T, dtype=torch.long)
-    for b, n in enumerate(lens):
-        x[b, T - n :] = seqs[b][0, :n]
-        mask[b, T - n :] = 1
-    cache = ZooCache([RecurrentStateLayer()])
-    y = m(x, cache=cache, attention_mask=mask)
-    outs = [y]
-    for t in range(extra):
-        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
-        tok = torch.cat([s[:, lens[b] + t : lens[b] + t + 1] for b, s in enumerate(seqs)])
-        outs.append(m(tok, cache=cache, attention_mask=mask))
-    out = torch.cat(outs, dim=1)
-    for b, n in enumerate(lens):
-        assert rel(out[b, T - n :], m(seqs[b])[0]) < 1e-10
+    assert_left_padded_decode_equals_separate(make(mode), [3, 6], 3, 3)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -261,17 +239,19 @@ def test_registry_and_yaml():
     assert m.state_size() == cfg["model"]["d_model"] * m.d_state
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"d_state": 7}, "even"),
+    ({"mode": "s5"}, "mode must be"),
+    ({"init": "legt"}, "init for mode 's4d'"),
+    ({"mode": "dplr", "init": "lin"}, "HiPPO-LegS only"),
+    ({"dt_min": 0.1, "dt_max": 0.01}, "dt_min"),
+])
+def test_bad_config_fails_clearly(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        S4(4, **kwargs)
+
+
 def test_bad_input_fails_clearly():
-    with pytest.raises(ValueError, match="even"):
-        S4(4, d_state=7)
-    with pytest.raises(ValueError, match="mode must be"):
-        S4(4, mode="s5")
-    with pytest.raises(ValueError, match="init for mode 's4d'"):
-        S4(4, init="legt")
-    with pytest.raises(ValueError, match="HiPPO-LegS only"):
-        S4(4, mode="dplr", init="lin")
-    with pytest.raises(ValueError, match="dt_min"):
-        S4(4, dt_min=0.1, dt_max=0.01)
     bi = S4(4, d_state=4, bidirectional=True)
     with pytest.raises(RuntimeError, match="not causal"):
         bi.step(torch.randn(1, 4), {})

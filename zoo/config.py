@@ -231,15 +231,31 @@ def validate_dataclass(cls, data: dict | None, path: str):
 
 # ----- the model section ---------------------------------------------------------------------------
 
+def constructor_options(cls) -> dict[str, tuple[Any, inspect.Parameter]]:
+    """A class's config options: name -> (annotation, parameter), read from the keyword-only arguments of its
+    ``__init__`` and, where that passes ``**options`` on to ``super().__init__``, of the next ``__init__`` up the MRO
+    (e.g. Hydra re-declares ``d_state`` and ``d_conv`` and takes the rest from ``zoo.nn.init.SSDLayer``)."""
+    chain = []  # (annotations, parameters) of each __init__, the class's own first
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters
+        chain.append((typing.get_type_hints(init), params))
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            break
+    names = dict.fromkeys(n for _, params in reversed(chain) for n, p in params.items()  # in the base's order
+                          if p.kind == p.KEYWORD_ONLY and n != "layer_idx")
+    out = {}
+    for n in names:
+        hints, params = next((h, ps) for h, ps in chain if n in ps)  # the nearest declaration wins
+        out[n] = (hints.get(n, Any), params[n])
+    return out
+
+
 def mixer_schema(cls) -> dict[str, Any]:
     """Keyword arguments a mixer accepts from config, with their annotations."""
-    hints = typing.get_type_hints(cls.__init__)
-    sig = inspect.signature(cls.__init__)
-    return {
-        n: hints.get(n, Any)
-        for n, p in sig.parameters.items()
-        if p.kind == p.KEYWORD_ONLY and n != "layer_idx"
-    }
+    return {n: hint for n, (hint, _) in constructor_options(cls).items()}
 
 
 def validate_mixer_kwargs(name: str, kwargs: dict, path: str) -> dict:

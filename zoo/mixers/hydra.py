@@ -19,8 +19,7 @@ from torch import nn
 
 from zoo import kernels
 from zoo.mixers.base import Mixer
-from zoo.nn import GatedRMSNorm
-from zoo.nn.init import dt_bias_init, ssd_heads
+from zoo.nn.init import SSDLayer
 from zoo.packing import seq_ids, seq_index, seq_lengths
 from zoo.parallel import sequence as sp
 from zoo.registry import register_mixer
@@ -42,7 +41,7 @@ def _global_positions(shard: sp.SequenceShard, device: torch.device) -> tuple[to
 
 
 @register_mixer("hydra")
-class Hydra(Mixer):
+class Hydra(SSDLayer, Mixer):
     """Hydra mixer: ``(B, L, D) -> (B, L, D)``, bidirectional; ``nheads = expand * d_model / headdim``.
 
     Defaults are the official module's: ``d_state`` 64, ``d_conv`` 7 (odd, centred), ``expand`` 2, ``headdim`` 64,
@@ -57,42 +56,20 @@ class Hydra(Mixer):
 
     causal = False
     has_step = False
-    no_weight_decay = ("dt_bias", "A_log", "D")  # no weight decay (zoo.train.optim.no_decay_names)
-    keep_in_fp32 = ("dt_bias", "A_log", "D")  # SSM parameters stay float32 in a bf16 model (modeling reads it)
+    ssd_directions = 2  # a forward and a backward scan, each with its own B, C and dt
+    norm_before_gate = True
 
-    def __init__(
-        self,
-        d_model: int,
-        *,
-        layer_idx: int = 0,
-        d_state: int = 64,
-        d_conv: int = 7,
-        expand: int = 2,
-        headdim: int = 64,
-        ngroups: int = 1,
-        chunk_size: int = 256,
-        dt_min: float = 1e-3,
-        dt_max: float = 1e-1,
-        dt_init_floor: float = 1e-4,
-        norm_eps: float = 1e-5,
-        bias: bool = False,
-        conv_bias: bool = True,
-    ) -> None:
-        super().__init__(d_model, layer_idx=layer_idx)
-        d_inner, nheads = ssd_heads("hydra", d_model, expand, headdim, ngroups)
+    def __init__(self, d_model: int, *, d_state: int = 64, d_conv: int = 7, **options) -> None:
+        """Options and parameters as :class:`zoo.nn.init.SSDLayer` makes them, with the official defaults above."""
         if d_conv < 1 or d_conv % 2 == 0:
             raise ValueError(f"hydra: d_conv must be odd so the non-causal conv is centred; got {d_conv}, use e.g. 7.")
-        self.d_state, self.d_conv, self.headdim, self.ngroups, self.chunk_size = d_state, d_conv, headdim, ngroups, chunk_size
-        self.d_inner, self.nheads = d_inner, nheads
-        self.conv_dim = d_inner + 4 * ngroups * d_state  # x, then B and C for each direction
-        self.in_proj = nn.Linear(d_model, d_inner + self.conv_dim + 2 * nheads, bias=bias)  # [z, xBC, dt_f|dt_b]
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv // 2, bias=conv_bias)
-        self.dt_bias = nn.Parameter(dt_bias_init(nheads, dt_min, dt_max, dt_init_floor))  # shared by both directions
-        self.A_log = nn.Parameter(torch.zeros(nheads))  # A = -1 at init, shared by both directions
-        self.D = nn.Parameter(torch.ones(nheads))
-        self.fc_D = nn.Linear(d_inner, nheads, bias=False)  # the data-dependent part of the diagonal
-        self.norm = GatedRMSNorm(d_inner, eps=norm_eps, norm_before_gate=True, group_size=d_inner // ngroups)
-        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+        super().__init__(d_model, d_state=d_state, d_conv=d_conv, **options)
+
+    def _a_log_init(self, nheads: int) -> torch.Tensor:
+        return torch.zeros(nheads)  # A = -1 at init
+
+    def _extra_parameters(self) -> None:
+        self.fc_D = nn.Linear(self.d_inner, self.nheads, bias=False)  # the data-dependent part of the diagonal
 
     def _conv(self, xBC: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         """Centred depthwise conv over time, ``(B, L, E) -> (B, L, E)``; never reaches across packed sequences."""
@@ -198,14 +175,7 @@ class Hydra(Mixer):
         carry_in, carry_out = sp.carry_rows(shard, rows, reverse=reverse)
         return sp.lasp(run, transition, carry_in=carry_in, carry_out=carry_out, shard=shard, reverse=reverse)[0]
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        *,
-        cache=None,
-        attention_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x, *, cache=None, attention_mask=None, cu_seqlens=None):
         """``x (B, L, D) -> (B, L, D)``; every position sees the whole (unpadded, own) sequence."""
         if cache is not None:
             raise ValueError("hydra is bidirectional and keeps no recurrent state; call it without a cache (no generation).")

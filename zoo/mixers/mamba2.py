@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from zoo import kernels
 from zoo.mixers.base import RecurrentMixer, State
-from zoo.nn import GatedRMSNorm
-from zoo.nn.init import dt_bias_init, ssd_heads
+from zoo.nn.init import SSDLayer
 from zoo.packing import last_inputs
 from zoo.registry import register_mixer
 
 
 @register_mixer("mamba2")
-class Mamba2(RecurrentMixer):
+class Mamba2(SSDLayer, RecurrentMixer):
     """Mamba-2 / SSD mixer: ``(B, L, D) -> (B, L, D)`` with ``nheads = expand * d_model / headdim`` heads.
 
     Defaults are mamba_ssm's: ``d_state`` 128, ``d_conv`` 4, ``expand`` 2, ``headdim`` 64, ``ngroups`` 1 (B and C
@@ -41,41 +39,11 @@ class Mamba2(RecurrentMixer):
     )
     test_settings = {"d_state": 16, "headdim": 8, "chunk_size": 8}
 
-    no_weight_decay = ("dt_bias", "A_log", "D")  # no weight decay (zoo.train.optim.no_decay_names)
-    keep_in_fp32 = ("dt_bias", "A_log", "D")  # SSM parameters stay float32 in a bf16 model (modeling reads it)
-
-    def __init__(
-        self,
-        d_model: int,
-        *,
-        layer_idx: int = 0,
-        d_state: int = 128,
-        d_conv: int = 4,
-        expand: int = 2,
-        headdim: int = 64,
-        ngroups: int = 1,
-        chunk_size: int = 256,
-        dt_min: float = 1e-3,
-        dt_max: float = 1e-1,
-        dt_init_floor: float = 1e-4,
-        norm_eps: float = 1e-5,
-        bias: bool = False,
-        conv_bias: bool = True,
-    ) -> None:
-        super().__init__(d_model, layer_idx=layer_idx)
-        d_inner, nheads = ssd_heads("mamba2", d_model, expand, headdim, ngroups)
+    def __init__(self, d_model: int, *, d_conv: int = 4, **options) -> None:
+        """Options and parameters as :class:`zoo.nn.init.SSDLayer` makes them (its defaults are Mamba-2's)."""
         if not 2 <= d_conv <= 4:
             raise ValueError(f"mamba2: conv width d_conv={d_conv} is not supported; the causal conv kernels take 2 to 4 (default 4).")
-        self.d_state, self.d_conv, self.headdim, self.ngroups, self.chunk_size = d_state, d_conv, headdim, ngroups, chunk_size
-        self.d_inner, self.nheads = d_inner, nheads
-        self.conv_dim = d_inner + 2 * ngroups * d_state
-        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * ngroups * d_state + nheads, bias=bias)  # [z, x, B, C, dt]
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, padding=d_conv - 1, bias=conv_bias)
-        self.dt_bias = nn.Parameter(dt_bias_init(nheads, dt_min, dt_max, dt_init_floor))
-        self.A_log = nn.Parameter(torch.log(torch.empty(nheads).uniform_(1, 16)))  # A = -exp(A_log), A ~ U(1, 16)
-        self.D = nn.Parameter(torch.ones(nheads))
-        self.norm = GatedRMSNorm(d_inner, eps=norm_eps, norm_before_gate=False, group_size=d_inner // ngroups)
-        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+        super().__init__(d_model, d_conv=d_conv, **options)
 
     def _split(self, zxbcdt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)

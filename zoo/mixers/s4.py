@@ -358,14 +358,7 @@ class S4(RecurrentMixer):
             )
         return L - n_real if need_left else None
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        *,
-        cache=None,
-        attention_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x, *, cache=None, attention_mask=None, cu_seqlens=None):
         """``(B, L, D) -> (B, L, D)``; causal layers go through the cache logic of :class:`RecurrentMixer`."""
         if (shard := sp.active()) is not None:
             if cache is not None or attention_mask is not None:

@@ -102,6 +102,19 @@ class ZooPreTrainedModel(PreTrainedModel):
     # num_items_in_batch and must scale for gradient accumulation itself.
     accepts_loss_kwargs = False
 
+    # ----- the heads' shared parts (ZooModel, the backbone, overrides the embedding accessors) -----------------------
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed = value
+
+    def _new_head(self, out_features: int) -> nn.Linear:
+        """A bias-free output layer on the backbone's width, marked ``_zoo_head`` for ``_init_weights``."""
+        head = nn.Linear(self.config.d_model, out_features, bias=False)
+        head._zoo_head = True
+        return head
+
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoModel") -> None:
         """A no-op: every saved config carries the ``auto_map`` and code file (``ZooConfig.save_pretrained``).
@@ -439,15 +452,8 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     def __init__(self, config: ZooConfig) -> None:
         super().__init__(config)
         self.model = ZooModel(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.lm_head._zoo_head = True
+        self.lm_head = self._new_head(config.vocab_size)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed = value
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -577,15 +583,8 @@ class ZooForSequenceClassification(ZooPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.model = ZooModel(config)
-        self.score = nn.Linear(config.d_model, config.num_labels, bias=False)
-        self.score._zoo_head = True
+        self.score = self._new_head(config.num_labels)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed = value
 
     def _pooling(self) -> str:
         if self.config.pooling != "auto":

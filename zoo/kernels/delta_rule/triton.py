@@ -59,6 +59,15 @@ def _chunk_terms(bk, bb, bg, C: tl.constexpr):
 
 
 @triton.jit
+def _state_tile(iv, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """This program's ``(BK, BV)`` tile of the ``K x V`` state: key and value indices, their masks, offsets and mask."""
+    rk = tl.arange(0, BK)
+    rv = iv * BV + tl.arange(0, BV)
+    mk, mv = rk < K, rv < V
+    return rk, rv, mk, mv, rk[:, None] * V + rv[None, :], mk[:, None] & mv[None, :]
+
+
+@triton.jit
 def _fwd_kernel(q, k, v, beta, g, h0, o, ht, hs, cu, co, scale,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
                 HAS_G: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, ACC: tl.constexpr):
@@ -69,11 +78,7 @@ def _fwd_kernel(q, k, v, beta, g, h0, o, ht, hs, cu, co, scale,
     eos = tl.load(cu + n + 1)
     c0 = tl.load(co + n)
     rc = tl.arange(0, C)
-    rk = tl.arange(0, BK)
-    rv = iv * BV + tl.arange(0, BV)
-    mk, mv = rk < K, rv < V
-    s_off = rk[:, None] * V + rv[None, :]
-    s_m = mk[:, None] & mv[None, :]
+    rk, rv, mk, mv, s_off, s_m = _state_tile(iv, K, V, BK, BV)
     S = tl.zeros((BK, BV), dtype=ACC)
     if HAS_H0:
         S = tl.load(h0 + (n * H + h) * K * V + s_off, mask=s_m, other=0.0).to(ACC)
@@ -115,11 +120,7 @@ def _bwd_kernel(q, k, v, beta, g, hs, do, dht, dq, dk, dv, dbeta, dg, dh0, cu, c
     eos = tl.load(cu + n + 1)
     c0 = tl.load(co + n)
     rc = tl.arange(0, C)
-    rk = tl.arange(0, BK)
-    rv = iv * BV + tl.arange(0, BV)
-    mk, mv = rk < K, rv < V
-    s_off = rk[:, None] * V + rv[None, :]
-    s_m = mk[:, None] & mv[None, :]
+    rk, rv, mk, mv, s_off, s_m = _state_tile(iv, K, V, BK, BV)
     lt = rc[:, None] > rc[None, :]
     dS = tl.zeros((BK, BV), dtype=ACC)
     if HAS_DHT:

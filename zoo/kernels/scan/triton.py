@@ -32,25 +32,39 @@ def _bounds(CU, i_n, L, VARLEN: tl.constexpr):
     return bos, T
 
 
+@triton.jit
+def _program_block(CU, L, D, VARLEN: tl.constexpr, W: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's sequence (first row, length) and channel block: channels ``d``, their mask and their offset
+    in the ``(N, D)`` states (``W`` floats per element: 2 for complex)."""
+    i_n = tl.program_id(0)
+    bos, T = _bounds(CU, i_n, L, VARLEN)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = d < D
+    return bos, T, d, m, (i_n.to(tl.int64) * D + d) * W
+
+
+@triton.jit
+def _load_state(P, s_off, m, PRESENT: tl.constexpr, COMPLEX: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """Real and imaginary part of a ``(N, D)`` state (or its gradient) at ``s_off``; zeros where it is not
+    ``PRESENT`` (the imaginary part also for real scans)."""
+    re = tl.zeros([BLOCK_D], dtype=ACC)
+    im = tl.zeros([BLOCK_D], dtype=ACC)
+    if PRESENT:
+        re = tl.load(P + s_off, mask=m, other=0).to(ACC)
+        if COMPLEX:
+            im = tl.load(P + s_off + 1, mask=m, other=0).to(ACC)
+    return re, im
+
+
 @triton.jit(do_not_specialize=["L"])
 def _scan_fwd_kernel(
     A, X, H0, H, HL, CU, L, D,
     HAS_H0: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr, COMPLEX: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_d = tl.program_id(1)
     W: tl.constexpr = 2 if COMPLEX else 1
-    bos, T = _bounds(CU, i_n, L, VARLEN)
-    d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m = d < D
-    s_off = (i_n.to(tl.int64) * D + d) * W
-    hr = tl.zeros([BLOCK_D], dtype=ACC)
-    hi = tl.zeros([BLOCK_D], dtype=ACC)
-    if HAS_H0:
-        hr = tl.load(H0 + s_off, mask=m, other=0).to(ACC)
-        if COMPLEX:
-            hi = tl.load(H0 + s_off + 1, mask=m, other=0).to(ACC)
+    bos, T, d, m, s_off = _program_block(CU, L, D, VARLEN, W, BLOCK_D)
+    hr, hi = _load_state(H0, s_off, m, HAS_H0, COMPLEX, BLOCK_D, ACC)
     i = 0
     while i < T:  # a while loop: Triton's interpreter cannot take range() over a runtime bound with numpy 2.4
         t = bos + T - 1 - i if REVERSE else bos + i
@@ -77,24 +91,11 @@ def _scan_bwd_kernel(
     HAS_H0: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr, COMPLEX: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_d = tl.program_id(1)
     W: tl.constexpr = 2 if COMPLEX else 1
-    bos, T = _bounds(CU, i_n, L, VARLEN)
-    d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m = d < D
-    s_off = (i_n.to(tl.int64) * D + d) * W
+    bos, T, d, m, s_off = _program_block(CU, L, D, VARLEN, W, BLOCK_D)
     # carry = conj(a_next) * g_next, seeded with the gradient of the final state
-    cr = tl.load(DHL + s_off, mask=m, other=0).to(ACC)
-    ci = tl.zeros([BLOCK_D], dtype=ACC)
-    if COMPLEX:
-        ci = tl.load(DHL + s_off + 1, mask=m, other=0).to(ACC)
-    h0r = tl.zeros([BLOCK_D], dtype=ACC)
-    h0i = tl.zeros([BLOCK_D], dtype=ACC)
-    if HAS_H0:
-        h0r = tl.load(H0 + s_off, mask=m, other=0).to(ACC)
-        if COMPLEX:
-            h0i = tl.load(H0 + s_off + 1, mask=m, other=0).to(ACC)
+    cr, ci = _load_state(DHL, s_off, m, True, COMPLEX, BLOCK_D, ACC)
+    h0r, h0i = _load_state(H0, s_off, m, HAS_H0, COMPLEX, BLOCK_D, ACC)
     first = bos + T - 1 if REVERSE else bos
     i = 0
     while i < T:

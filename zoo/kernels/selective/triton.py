@@ -51,6 +51,30 @@ def _load_step(u_ptr, delta_ptr, bias, B_ptr, C_ptr, keep_ptr, A, row, bc_row, t
     return uv, raw, dt, a, Bt, Ct
 
 
+@triton.jit
+def _program_tile(A_ptr, E, N, L, Eg, sBb, sBg, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
+    """This program's batch row and channel block: the indices and masks of its ``(BLOCK_E, BLOCK_N)`` state tile,
+    that tile of A, and the row offsets of u / delta and of B / C (the channels' group)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_e = tl.program_id(1)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_e, mask_n = offs_e < E, offs_n < N
+    mask2 = mask_e[:, None] & mask_n[None, :]
+    en = offs_e[:, None] * N + offs_n[None, :]
+    A = tl.load(A_ptr + en, mask=mask2, other=0.0).to(ACC)
+    return pid_b, pid_e, offs_e, offs_n, mask_e, mask_n, mask2, en, A, pid_b * E * L, pid_b * sBb + (offs_e // Eg) * sBg
+
+
+@triton.jit
+def _channel_vector(P, offs_e, mask_e, HAS: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr):
+    """This block's entries of an optional per-channel vector (delta_bias, D); zeros when it is absent."""
+    v = tl.zeros([BLOCK_E], dtype=ACC)
+    if HAS:
+        v = tl.load(P + offs_e, mask=mask_e, other=0.0).to(ACC)
+    return v
+
+
 @triton.jit(do_not_specialize=["L", "sBb", "sBg", "sBn"])
 def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, keep_ptr,
                 out_ptr, hchunk_ptr, hlast_ptr,
@@ -58,22 +82,10 @@ def _fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h
                 CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                 HAS_H0: tl.constexpr, HAS_KEEP: tl.constexpr, ACC: tl.constexpr):
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_e = tl.program_id(1)
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_e = offs_e < E
-    mask2 = mask_e[:, None] & (offs_n[None, :] < N)
-    en = offs_e[:, None] * N + offs_n[None, :]
-    A = tl.load(A_ptr + en, mask=mask2, other=0.0).to(ACC)
-    row = pid_b * E * L
-    bc_row = pid_b * sBb + (offs_e // Eg) * sBg
-    bias = tl.zeros([BLOCK_E], dtype=ACC)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(ACC)
-    Dv = tl.zeros([BLOCK_E], dtype=ACC)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(ACC)
+    pid_b, _, offs_e, offs_n, mask_e, _, mask2, en, A, row, bc_row = _program_tile(
+        A_ptr, E, N, L, Eg, sBb, sBg, BLOCK_E, BLOCK_N, ACC)
+    bias = _channel_vector(bias_ptr, offs_e, mask_e, HAS_BIAS, BLOCK_E, ACC)
+    Dv = _channel_vector(D_ptr, offs_e, mask_e, HAS_D, BLOCK_E, ACC)
     h = tl.zeros([BLOCK_E, BLOCK_N], dtype=ACC)
     if HAS_H0:
         h = tl.load(h0_ptr + pid_b * E * N + en, mask=mask2, other=0.0).to(ACC)
@@ -106,26 +118,13 @@ def _bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, k
                 CHUNK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
                 HAS_DLAST: tl.constexpr, HAS_KEEP: tl.constexpr, ACC: tl.constexpr):
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_e = tl.program_id(1)
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_e = offs_e < E
-    mask_n = offs_n < N
-    mask2 = mask_e[:, None] & mask_n[None, :]
-    en = offs_e[:, None] * N + offs_n[None, :]
-    A = tl.load(A_ptr + en, mask=mask2, other=0.0).to(ACC)
-    row = pid_b * E * L
-    bc_row = pid_b * sBb + (offs_e // Eg) * sBg
+    pid_b, pid_e, offs_e, offs_n, mask_e, mask_n, mask2, en, A, row, bc_row = _program_tile(
+        A_ptr, E, N, L, Eg, sBb, sBg, BLOCK_E, BLOCK_N, ACC)
     part_row = (pid_b * n_eblocks + pid_e) * N * L  # this block's partial dB / dC, (N, L)
     scratch = scratch_ptr + (pid_b * n_eblocks + pid_e) * CHUNK * BLOCK_E * BLOCK_N
     sc = tl.arange(0, BLOCK_E)[:, None] * BLOCK_N + offs_n[None, :]
-    bias = tl.zeros([BLOCK_E], dtype=ACC)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(ACC)
-    Dv = tl.zeros([BLOCK_E], dtype=ACC)
-    if HAS_D:
-        Dv = tl.load(D_ptr + offs_e, mask=mask_e, other=0.0).to(ACC)
+    bias = _channel_vector(bias_ptr, offs_e, mask_e, HAS_BIAS, BLOCK_E, ACC)
+    Dv = _channel_vector(D_ptr, offs_e, mask_e, HAS_D, BLOCK_E, ACC)
     g = tl.zeros([BLOCK_E, BLOCK_N], dtype=ACC)  # dLoss/dh_t, carried backwards
     if HAS_DLAST:
         g = tl.load(dlast_ptr + pid_b * E * N + en, mask=mask2, other=0.0).to(ACC)

@@ -68,4 +68,4 @@ def test_hybrid_configs_are_exact(world, tmp_path):
                     torch.testing.assert_close(res[key], ref, rtol=1e-5, atol=atol)
                 except AssertionError as err:
                     failures.append(f"{where} {key}: {str(err).splitlines()[-1]}")
-    assert not failures, "\n".join(failures[:40])
+    assert not failures, f"{len(failures)} mismatches:\n" + "\n".join(failures[:40])

@@ -3,12 +3,15 @@
 For each model and sequence length L, P = 1, 2, 4 gloo processes on this machine split one sequence (batch 1)
 into P slices (``zoo.parallel.sequence``) and run training steps (forward + backward with labels). Reported per
 case: the slowest rank's median step time, the largest per-rank peak memory (peak RSS ``ru_maxrss`` minus the RSS
-just before the first step, each case in fresh processes), and per layer what each rank received from the
-forward's collectives (``sequence.count_communication``), next to the formula:
+just before the first step, each case in fresh processes), and per layer what the last rank received from the
+forward's collectives (``sequence.count_communication``), next to the formula; every rank's counts are checked
+against its own formula (the ``counts = formula`` column):
 
 * LASP-2 states (Mamba's selective scan): ``P · B · H·K·V`` per layer per direction (here ``d_inner · d_state``),
-  independent of L; the transitions gathered with them are listed apart.
-* short-conv / sliding-window halos: ``P · B · min(W - 1, L/P) · width`` (the tails of every slice, gathered).
+  independent of L, and as many transitions gathered with them (``lasp_transition``: each slice's total decay).
+* short-conv / sliding-window halos: ``B · min(W - 1, L/P) · width`` on every rank but rank 0 (a point-to-point
+  exchange: each rank receives the tail of the previous rank's slice; K and V for attention); a window longer than
+  a slice falls back to an all-gather, ``B · L · width``.
 * Ulysses attention: ``4 · B · L · D / P`` per layer (q, k, v and o through all-to-all; less with GQA).
 * all-gather attention: ``2 · B · L · Hkv · head_dim`` (every slice's K and V).
 
@@ -17,7 +20,7 @@ not counted. P = 1 runs the plain model in one process (no collectives).
 
     python scripts/bench_sequence_parallel.py                            # mamba, samba, mamba+ulysses; L up to 64K
     python scripts/bench_sequence_parallel.py --quick                    # tiny smoke run (seconds)
-    python scripts/bench_sequence_parallel.py --record docs/benchmarks.md
+    python scripts/bench_sequence_parallel.py --record /tmp/sp_bench.md  # append the table to a file
 
 Nothing is written anywhere unless ``--record FILE`` is given.
 """
@@ -56,19 +59,29 @@ def model_config(name: str, *, d_model: int, n_layers: int, vocab: int, window: 
             "mlp": mlp, "tie_word_embeddings": False}
 
 
-def formulas(mixer, L: int, P: int, B: int = 1) -> dict[str, int]:
-    """Elements this rank receives per forward collective kind for one layer (see the module docstring)."""
+def halo(W: int, L: int, P: int, rank: int, width: int, B: int = 1) -> int:
+    """Elements ``rank`` receives for a halo of the ``W - 1`` tokens before its slice over ``width`` channels."""
+    n = L // P
+    if W - 1 > n:  # reaches back over whole slices: all-gathered
+        return B * L * width
+    return B * (W - 1) * width if rank > 0 else 0  # point-to-point from the previous rank; rank 0 has none
+
+
+def formulas(mixer, L: int, P: int, rank: int, B: int = 1) -> dict[str, int]:
+    """Elements ``rank`` receives per forward collective kind for one layer (see the module docstring)."""
     name = type(mixer).__name__.lower()
     n = L // P
     if P == 1:
         return {}
     if name == "mamba":
-        return {"lasp_state": P * B * mixer.d_inner * mixer.d_state,
-                "halo": P * B * min(mixer.d_conv - 1, n) * mixer.d_inner}
+        out = {"lasp_state": P * B * mixer.d_inner * mixer.d_state,
+               "lasp_transition": P * B * mixer.d_inner * mixer.d_state,
+               "halo": halo(mixer.d_conv, L, P, rank, mixer.d_inner, B)}
+        return {k: v for k, v in out.items() if v}
     if name == "attention":
         hd, H, Hkv = mixer.head_dim, mixer.n_heads, mixer.n_kv_heads
         if mixer.window is not None:
-            return {"halo": 2 * P * B * min(mixer.window - 1, n) * Hkv * hd}
+            return {"halo": h} if (h := halo(mixer.window, L, P, rank, 2 * Hkv * hd, B)) else {}
         if mixer.sp == "ulysses":
             return {"all_to_all": B * n * hd * (2 * H + 2 * Hkv)}  # = 4 · L · D / P without GQA
         return {"kv": 2 * B * L * Hkv * hd}
@@ -138,16 +151,19 @@ def worker(spec: dict) -> None:
     for h in hooks:
         h.remove()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    mine = {"time": statistics.median(times), "peak": peak}
+    mine = {"time": statistics.median(times), "peak": peak, "layers": per_layer}
     every = [None] * P
     if P > 1:
         dist.all_gather_object(every, mine)
     else:
         every = [mine]
     if rank == 0:
-        result = {"time": max(r["time"] for r in every), "peak": max(r["peak"] for r in every),
-                  "layers": [{"mixer": type(b.mixer).__name__, "measured": per_layer[i],
-                              "formula": formulas(b.mixer, L, P)} for i, b in enumerate(layers)]}
+        exact = all({k: v[0] for k, v in r["layers"][i].items()} == formulas(b.mixer, L, P, q)
+                    for q, r in enumerate(every) for i, b in enumerate(layers)
+                    if type(b.mixer).__name__.lower() in ("mamba", "attention"))
+        result = {"time": max(r["time"] for r in every), "peak": max(r["peak"] for r in every), "exact": exact,
+                  "layers": [{"mixer": type(b.mixer).__name__, "measured": every[-1]["layers"][i],
+                              "formula": formulas(b.mixer, L, P, P - 1)} for i, b in enumerate(layers)]}
         Path(spec["out"]).write_text(json.dumps(result))
     if P > 1:
         dist.destroy_process_group()
@@ -206,8 +222,8 @@ def main(argv=None) -> int:
     if args.worker is not None:
         worker(json.loads(args.worker))
         return 0
-    header = ["model", "P", "L", "step s (slowest rank)", "peak MiB per rank", "bytes per layer (fwd)",
-              "elements received per layer: measured/formula"]
+    header = ["model", "P", "L", "step s (slowest rank)", "peak MiB per rank", "bytes received per layer (fwd, last rank)",
+              "elements received per layer (last rank): measured/formula", "counts = formula (every rank)"]
     rows = []
     for name in args.models:
         model = model_config(name, d_model=args.d_model, n_layers=args.layers, vocab=args.vocab, window=args.window)
@@ -221,7 +237,8 @@ def main(argv=None) -> int:
                     by_mixer.setdefault(layer["mixer"], layer)
                 comm = "; ".join(f"{m}: {_comm_cell(layer)}" for m, layer in by_mixer.items())
                 nbytes = "; ".join(f"{m}: {sum(v[1] for v in layer['measured'].values())}" for m, layer in by_mixer.items())
-                rows.append([name, P, L, round(res["time"], 4), round(res["peak"] / 2**20, 1), nbytes, comm])
+                exact = "-" if P == 1 else ("yes" if res["exact"] else "NO")
+                rows.append([name, P, L, round(res["time"], 4), round(res["peak"] / 2**20, 1), nbytes, comm, exact])
                 print("  " + " | ".join(map(str, rows[-1])), flush=True)
     from zoo.bench import markdown_table, record
 

@@ -1,7 +1,8 @@
 """`zoo train` with train.parallel.sequence: the same loss curve and weights as one process (gloo, CPU).
 
 Each sequence of the MQAR batch is split over the ranks of a sequence group; with 4 processes and sequence 2 there
-are also 2 data-parallel groups. 20 steps, metrics (loss, accuracy, gradient norm, eval) within 1e-5 of one process.
+are also 2 data-parallel groups. 20 steps, metrics (loss, accuracy, gradient norm, eval) within 1e-5 of one process,
+for minGRU (linear_scan), Mamba (LASP-2 states, the conv halo) and a Samba-like stack (+ sliding-window attention).
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ def _cfg(pattern: list[str], mixers: dict) -> dict:
     }
 
 
-MODELS = {"mingru": _cfg(["mingru"], {})}
+MODELS = {
+    "mingru": _cfg(["mingru"], {}),
+    "mamba": _cfg(["mamba"], {"mamba": {"d_state": 8}}),  # LASP-2 states + the conv halo
+    "samba": _cfg(["mamba", "attention"], {"mamba": {"d_state": 8}, "attention": {"n_heads": 4, "window": 5}}),  # + window halo
+}
 LAUNCHES = [(2, 2), (4, 2)]  # (processes, sequence)
 
 

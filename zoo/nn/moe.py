@@ -8,6 +8,7 @@ from torch import nn
 
 from zoo.nn.mlp import SwiGLU
 from zoo.packing import count_ids
+from zoo.parallel import sequence
 
 
 class MoE(nn.Module):
@@ -15,7 +16,8 @@ class MoE(nn.Module):
 
     The load-balancing loss (Switch Transformer) ``scale * E * sum_e f_e * P_e`` — ``f_e`` the fraction of
     routed slots that went to expert e, ``P_e`` its mean router probability — is left in ``self.aux_loss``
-    during training; the model adds it to the LM loss. No capacity limit: no token is dropped.
+    during training; the model adds it to the LM loss. No capacity limit: no token is dropped. Under sequence
+    parallelism f and P are the whole sequence group's (see :meth:`_aux`), so the loss is the single-process one.
     """
 
     def __init__(
@@ -51,9 +53,21 @@ class MoE(nn.Module):
                 tokens = slots // self.top_k
                 out.index_add_(0, tokens, self.experts[e](xf[tokens]) * weights.reshape(-1)[slots, None])
         self.last_topk = experts.detach()
-        if self.training:
-            frac = counts.float() / flat.numel()
-            self.aux_loss = self.aux_loss_scale * self.n_experts * (frac * probs.mean(0)).sum()
-        else:
-            self.aux_loss = None
+        self.aux_loss = self._aux(probs, counts) if self.training else None
         return out.reshape(shape)
+
+    def _aux(self, probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Switch load-balancing loss from the router ``probs (N, E)`` and the routed slot ``counts (E,)``.
+
+        Under sequence parallelism f and P are the sequence group's, from one all-reduce of the counts, the token
+        count and the probability sums (as MoM's router); each rank back-propagates its own tokens' share.
+        """
+        shard = sequence.active()
+        if shard is None:
+            frac = counts.float() / (probs.shape[0] * self.top_k)
+            return self.aux_loss_scale * self.n_experts * (frac * probs.mean(0)).sum()
+        E = self.n_experts
+        stats = sequence.sum_across(torch.cat([counts.to(probs.dtype), probs.new_tensor([probs.shape[0]]), probs.sum(0)]),
+                                    shard)
+        counts, n, psum = stats[:E], stats[E], stats[E + 1 :]
+        return self.aux_loss_scale * E * (counts / (n * self.top_k) * psum / n).sum()

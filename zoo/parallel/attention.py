@@ -112,6 +112,24 @@ def _attend(q, k, v, qi, kj, *, causal: bool, window: int | None, shard: sp.Sequ
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+def _attend_window(q, k, v, qi, *, window: int, shard: sp.SequenceShard) -> torch.Tensor:
+    """Causal sliding-window attention of the slice's queries over ``[halo, slice]`` keys (``window - 1`` + L/P).
+
+    Query blocks of ``window`` rows see at most ``2 * window - 1`` keys, so time and memory grow linearly in the slice
+    length (as in the single-process layer), not with its square.
+    """
+    n, W = q.shape[2], window
+    kj = torch.arange(shard.start - (W - 1), shard.end, device=q.device)  # the global index of every key column
+    if n <= W:
+        return _attend(q, k, v, qi, kj, causal=True, window=W, shard=shard)
+    outs = []
+    for s in range(0, n, W):  # rows s .. e-1 see the keys of global rows qi[s] - W + 1 .. qi[e - 1]: columns s .. e+W-2
+        e = min(s + W, n)
+        outs.append(_attend(q[:, :, s:e], k[:, :, s : e + W - 1], v[:, :, s : e + W - 1], qi[s:e], kj[s : e + W - 1],
+                            causal=True, window=W, shard=shard))
+    return torch.cat(outs, 2)
+
+
 def attention_sp(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, window: int | None, mode: str,
     shard: sp.SequenceShard,
@@ -122,8 +140,7 @@ def attention_sp(
     qi = torch.arange(shard.start, shard.end, device=dev)
     if window is not None and causal:  # only the W - 1 keys before the slice: a halo, never the whole sequence
         kh, vh = (sp.halo_before(t, window - 1, shard, dim=2) for t in (k, v))
-        kj = torch.arange(shard.start - (window - 1), shard.end, device=dev)
-        return _attend(q, torch.cat([kh, k], 2), torch.cat([vh, v], 2), qi, kj, causal=True, window=window, shard=shard)
+        return _attend_window(q, torch.cat([kh, k], 2), torch.cat([vh, v], 2), qi, window=window, shard=shard)
     if mode == "ulysses":
         H, Hkv = q.shape[1], k.shape[1]
         if H % shard.size or Hkv % shard.size:

@@ -108,6 +108,10 @@ def _mask(qi: torch.Tensor, kj: torch.Tensor, *, causal: bool, window: int | Non
 
 def _attend(q, k, v, qi, kj, *, causal: bool, window: int | None, shard: sp.SequenceShard) -> torch.Tensor:
     gqa = k.shape[1] != q.shape[1]
+    square = qi.numel() == kj.numel() and int(qi[0]) == int(kj[0])  # queries and keys are the same tokens
+    if shard.cu_seqlens is None and window is None and (square or not causal):
+        # no packing, no window: SDPA's own causal rule (no dense L x L mask; Ulysses attends the whole sequence)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
     mask = _mask(qi, kj, causal=causal, window=window, shard=shard)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 

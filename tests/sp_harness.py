@@ -85,3 +85,26 @@ def _worker(spec: str, out: str) -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1], sys.argv[2])
+
+
+def model_mismatches(res: dict, where: str, *, layers: int, length: int) -> list[str]:
+    """What differs between one rank's ``sp_jobs_model.model_job`` result and its one-process references.
+
+    Every mixer must have seen ``length`` tokens (``layers`` of them). fp32: relative 1e-5, and 1e-5 of the
+    tensor's largest entry for entries near zero (sums of many terms, e.g. the embedding's gradient, round at that
+    level whatever the order of summation).
+    """
+    seen = res["seen"]
+    if seen.numel() != layers or not bool((seen == length).all()):
+        return [f"{where}: mixers saw {seen.tolist()}, expected {layers} x {length}"]
+    out = []
+    for key in res:
+        if key.endswith("_ref") or key == "seen":
+            continue
+        ref = res[key + "_ref"]
+        atol = max(1e-6, 1e-5 * float(ref.abs().max())) if ref.numel() else 1e-6
+        try:
+            torch.testing.assert_close(res[key], ref, rtol=1e-5, atol=atol)
+        except AssertionError as err:
+            out.append(f"{where} {key}: {str(err).splitlines()[-1]}")
+    return out

@@ -108,3 +108,17 @@ def model_mismatches(res: dict, where: str, *, layers: int, length: int) -> list
         except AssertionError as err:
             out.append(f"{where} {key}: {str(err).splitlines()[-1]}")
     return out
+
+
+def assert_models_exact(models: dict[str, tuple[dict, int]], packings: list, *, world: int, tmp: Path, length: int) -> None:
+    """Every model (name -> (model config, number of layers)) at every packing, split over ``world`` ranks, equals
+    one process (``sp_jobs_model.model_job``, one launch for all): a list of every mismatch on failure."""
+    jobs = [("sp_jobs_model:model_job", {"model": cfg, "L": length, "cu": cu, "seed": i})
+            for i, (cfg, _) in enumerate(models.values()) for cu in packings]
+    names = [name for name in models for _ in packings]
+    failures = []
+    for name, (_job, kw), per_rank in zip(names, jobs, run_ranks(jobs, world=world, tmp=tmp, timeout=300)):
+        for rank, res in enumerate(per_rank):
+            failures += model_mismatches(res, f"{name} cu={kw['cu']} rank {rank}/{world}", layers=models[name][1],
+                                         length=length // world)
+    assert not failures, f"{len(failures)} mismatches:\n" + "\n".join(failures[:40])

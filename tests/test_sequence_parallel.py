@@ -9,7 +9,7 @@ run in one launch of P processes.
 from __future__ import annotations
 
 import pytest
-from sp_harness import model_mismatches, run_ranks
+from sp_harness import assert_models_exact
 
 VOCAB, D, L = 32, 32, 16
 PACKINGS = [None, [0, 3, 8, 8, 13, 16], [0, 4, 16]]
@@ -36,17 +36,6 @@ def _model(name: str) -> dict:
             "mlp": "swiglu", "tie_word_embeddings": False}
 
 
-JOBS = [("sp_jobs_model:model_job", {"model": _model(name), "L": L, "cu": cu, "seed": i})
-        for i, name in enumerate(MIXERS) for cu in PACKINGS]
-NAMES = [name for name in MIXERS for _ in PACKINGS]
-
-
 @pytest.mark.parametrize("world", [2, 4])
 def test_recurrent_mixers_are_exact(world, tmp_path):
-    results = run_ranks(JOBS, world=world, tmp=tmp_path, timeout=300)
-    failures = []
-    for name, (_job, kw), per_rank in zip(NAMES, JOBS, results):
-        for rank, res in enumerate(per_rank):
-            where = f"{name} cu={kw['cu']} rank {rank}/{world}"
-            failures += model_mismatches(res, where, layers=2, length=L // world)
-    assert not failures, "\n".join(failures)
+    assert_models_exact({name: (_model(name), 2) for name in MIXERS}, PACKINGS, world=world, tmp=tmp_path, length=L)

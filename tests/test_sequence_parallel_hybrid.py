@@ -10,7 +10,7 @@ empty document); every mixer sees L / P tokens. One launch of the ranks per grou
 from __future__ import annotations
 
 import pytest
-from sp_harness import model_mismatches, run_ranks
+from sp_harness import assert_models_exact
 
 from zoo.config import apply_overrides, read_yaml
 
@@ -42,17 +42,6 @@ def _model(name: str) -> dict:
     return apply_overrides(data, [*shrink, *CONFIGS[name][0]])["model"]
 
 
-JOBS = [("sp_jobs_model:model_job", {"model": _model(name), "L": L, "cu": cu, "seed": i})
-        for i, name in enumerate(CONFIGS) for cu in PACKINGS]
-NAMES = [name for name in CONFIGS for _ in PACKINGS]
-
-
 @pytest.mark.parametrize("world", [2, 4])
 def test_hybrid_configs_are_exact(world, tmp_path):
-    results = run_ranks(JOBS, world=world, tmp=tmp_path, timeout=300)
-    failures = []
-    for name, (_job, kw), per_rank in zip(NAMES, JOBS, results):
-        for rank, res in enumerate(per_rank):
-            where = f"{name} cu={kw['cu']} rank {rank}/{world}"
-            failures += model_mismatches(res, where, layers=CONFIGS[name][1], length=L // world)
-    assert not failures, f"{len(failures)} mismatches:\n" + "\n".join(failures[:40])
+    assert_models_exact({name: (_model(name), CONFIGS[name][1]) for name in CONFIGS}, PACKINGS, world=world, tmp=tmp_path, length=L)

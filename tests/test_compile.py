@@ -145,6 +145,7 @@ def _loss_and_grads(model, x, y):
 def _check_training_step(model, x, y):
     compiled, counter = _compile(model)
     loss_c, grads_c = _loss_and_grads(compiled, x, y)
+    grads_c = {n.removeprefix("_orig_mod."): g for n, g in grads_c.items()}  # torch.compile's wrapper names
     loss_e, grads_e = _loss_and_grads(model, x, y)
     assert counter.frame_count >= 1
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)

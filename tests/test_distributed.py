@@ -8,6 +8,7 @@ All jobs run in one pair of processes (one import of torch), bounded by a timeou
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import socket
@@ -207,14 +208,15 @@ def test_single_process_resume_keeps_no_weight_decay(runs, tmp_path):
         assert torch.equal(w_res[k], w_full[k]), k
 
 
+@pytest.mark.skipif(importlib.util.find_spec("accelerate") is None, reason="needs the optional accelerate package")
 def test_accelerate_launch_runs_data_parallel(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` (torchrun underneath; gloo on CPU) is a 2-process DDP run."""
     import shutil
 
-    exe = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
-    if exe is None:
-        pytest.skip("accelerate is not installed")
     import yaml
+
+    exe = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    assert exe is not None, "accelerate is installed but its `accelerate` command is not on PATH"
 
     cfg = copy.deepcopy(MODELS["mamba"])
     cfg["train"].update(steps=4, eval_every=0, save_every=0, grad_accum=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 import zoo
@@ -24,6 +26,9 @@ def test_quick_table_has_a_row_per_architecture(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     rows = _rows(out)
     expected = set(zoo.list_mixers()) | set(bench_all.hybrid_configs()) | {"attention+swiglu (Llama-shaped)"}
+    expected |= {name for mod, name in (("minGRU_pytorch", "mingru+gelu (minLM-shaped)"),  # rows of installed peers
+                                        ("gateloop_transformer", "gateloop+gelu (GateLoop-Transformer-shaped)"))
+                 if importlib.util.find_spec(mod) is not None}
     assert {"samba", "jamba", "mom-attention"} <= set(bench_all.hybrid_configs())
     assert set(rows) == expected
     for name, cells in rows.items():
@@ -52,3 +57,20 @@ def test_only_and_no_peers_select_rows(capsys):
 def test_unknown_name_is_one_sentence():
     with pytest.raises(SystemExit, match="--only: no model named"):
         bench_all.main([*TINY, "--no-peers", "--only", "nope"])
+
+
+LUCIDRAINS = [m for m in ("minGRU_pytorch", "gateloop_transformer") if importlib.util.find_spec(m) is None]
+
+
+@pytest.mark.skipif(bool(LUCIDRAINS), reason=f"optional peers not installed: {LUCIDRAINS} (pip install '.[bench]')")
+def test_lucidrains_peers_fill_their_columns(capsys):
+    mingru, gateloop = "mingru+gelu (minLM-shaped)", "gateloop+gelu (GateLoop-Transformer-shaped)"
+    assert main(["bench", "all", *TINY, "--only", mingru, gateloop]) == 0
+    rows = _rows(capsys.readouterr().out)
+    for name, peer in ((mingru, "lucidrains minLM"), (gateloop, "lucidrains GateLoop Transformer")):
+        cells = rows[name]
+        assert cells[8].startswith(peer), cells
+        assert cells[2] in cells[8], cells  # matched sizes: the peer's parameter count equals the zoo row's
+        assert cells[10].endswith("x") and cells[12].endswith("x"), cells  # training and prefill ratios
+    assert rows[mingru][14].endswith("x")  # minLM decodes through its hidden-state cache
+    assert rows[gateloop][13] == "-"  # GateLoop's Transformer has no cache

@@ -15,7 +15,9 @@ on a shared machine hits all of them alike), medians after warm-up:
   counted from its cache after the prefill).
 
 Peers where one runs here (transformers' torch paths at matched sizes): ``MambaForCausalLM`` for mamba,
-``Mamba2ForCausalLM`` for mamba2, ``LlamaForCausalLM`` against a Llama-shaped zoo attention + SwiGLU stack.
+``Mamba2ForCausalLM`` for mamba2, ``LlamaForCausalLM`` against a Llama-shaped zoo attention + SwiGLU stack; with
+the ``bench`` extra, lucidrains' ``minLM`` (minGRU) and GateLoop ``Transformer`` against zoo stacks of their shape
+(a GELU MLP of 4 d per layer, untied head).
 The ratio columns are zoo / peer (above 1: zoo is faster). ``--plot FILE`` also sweeps the training step over
 ``--plot-lengths`` and draws time vs L per architecture on log-log axes, with the fitted slope in the legend.
 
@@ -55,8 +57,7 @@ QUICK = {"batch": 1, "length": 128, "decode_prompt": 16, "decode_tokens": 8, "re
 FULL = {"batch": 4, "length": 512, "decode_prompt": 128, "decode_tokens": 32, "repeats": 3,
         "plot_lengths": [256, 512, 1024, 2048]}
 #: Other implementations that would be peers if installed (import name -> what it is); reported when absent.
-OPTIONAL_PEERS = {"minGRU_pytorch": "lucidrains minGRU-pytorch", "gateloop_transformer": "lucidrains gateloop-transformer",
-                  "fla": "flash-linear-attention"}
+OPTIONAL_PEERS = {"minGRU_pytorch": "lucidrains minGRU-pytorch", "gateloop_transformer": "lucidrains gateloop-transformer"}
 
 
 @dataclasses.dataclass
@@ -74,6 +75,8 @@ class Entry:
     peak_mib: float | None = None
     state: int | None = None
     error: str | None = None
+    #: a peer fast enough to warm up and time on every repeat (transformers' Mamba is not: one step takes minutes)
+    cheap: bool = False
 
     @property
     def causal(self) -> bool:
@@ -105,7 +108,7 @@ def hybrid_configs() -> list[str]:
 
 
 def entries(args) -> list[Entry]:
-    """Every registered mixer as a uniform stack, every hybrid config, and the peer-matched models."""
+    """Every registered mixer as a uniform stack, every hybrid config, and the peer-matched models (transformers, lucidrains)."""
     base = {"vocab_size": args.vocab, "d_model": args.d_model, "n_layers": args.layers, "mlp": args.mlp}
     out = [Entry(name, _zoo({**base, "pattern": [name]})) for name in zoo.list_mixers()]
     for name in hybrid_configs():
@@ -149,6 +152,51 @@ def _add_peers(out: list[Entry], args, base: dict) -> None:
                        num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5, tie_word_embeddings=True,
                        attention_bias=False, mlp_bias=False)))
     out.append(llama)
+    _add_lucidrains(out, base)
+
+
+class _IdsLM(torch.nn.Module):
+    """An ids -> logits LM (lucidrains' ``minLM`` / GateLoop ``Transformer``) behind the keywords the timers pass.
+
+    ``labels`` gives their own next-token loss; with ``use_cache`` a model that decodes (``minLM``) returns its
+    per-layer hidden states as the cache, one that does not (``decodes = False``) is only timed on prefill.
+    """
+
+    def __init__(self, net: torch.nn.Module, decodes: bool) -> None:
+        super().__init__()
+        self.net, self.decodes = net, decodes
+
+    def forward(self, input_ids, labels=None, use_cache=False, logits_to_keep=0, past_key_values=None):
+        from types import SimpleNamespace
+
+        if labels is not None:  # their loss predicts ids[:, 1:] from ids[:, :-1], as ours does
+            return SimpleNamespace(loss=self.net(input_ids, return_loss=True), logits=None)
+        if use_cache and self.decodes:
+            logits, cache = self.net(input_ids, return_prev_hiddens=True, prev_hiddens=past_key_values)
+        else:
+            logits, cache = self.net(input_ids), None
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits, past_key_values=cache)
+
+
+def _add_lucidrains(out: list[Entry], base: dict) -> None:
+    """lucidrains' minGRU and GateLoop LMs with the zoo rows of their shape (a GELU MLP of 4 d in every layer)."""
+    d, n, V = base["d_model"], base["n_layers"], base["vocab_size"]
+    gelu = {**base, "mlp": "gelu", "tie_word_embeddings": False}  # their LM heads are untied
+    if importlib.util.find_spec("minGRU_pytorch") is not None:
+        from minGRU_pytorch.minLM import minLM
+
+        row = Entry("mingru+gelu (minLM-shaped)", _zoo({**gelu, "pattern": ["mingru"], "mixers": {"mingru": {"expand": 1.5}}}))
+        row.peer = Entry("lucidrains minLM", zoo=False, cheap=True, build=lambda: _IdsLM(
+            minLM(num_tokens=V, dim=d, depth=n, ff_mult=4, expansion=1.5), decodes=True))
+        out.append(row)
+    if importlib.util.find_spec("gateloop_transformer") is not None:
+        from gateloop_transformer import Transformer
+
+        row = Entry("gateloop+gelu (GateLoop-Transformer-shaped)", _zoo({**gelu, "pattern": ["gateloop"]}))
+        row.peer = Entry("lucidrains GateLoop Transformer", zoo=False, cheap=True, build=lambda: _IdsLM(
+            Transformer(dim=d, num_tokens=V, depth=n, ff_mult=4, use_gate_looped_attn=True,
+                        checkpoint_gate_looped_attn=False), decodes=False))
+        out.append(row)
 
 
 # ----- what is timed --------------------------------------------------------------------------------------------
@@ -239,7 +287,10 @@ def cache_floats(cache) -> int:
 def state_floats(entry: Entry, length: int, prompt) -> int | None:
     if entry.zoo:
         return sum(b.mixer.state_size(length) for b in entry.model.model.layers)
-    return cache_floats(prefill(entry, prompt)[1])
+    cache = prefill(entry, prompt)[1]
+    if isinstance(cache, (list, tuple)):  # lucidrains minLM: one hidden-state tensor per layer
+        return sum(t[:1].numel() for t in cache)
+    return None if cache is None else cache_floats(cache)
 
 
 # ----- the run ---------------------------------------------------------------------------------------------------
@@ -256,7 +307,7 @@ def _round(entry: Entry, ids, prompt, dec_prompt, args, device, *, train: bool =
     if train:
         t.setdefault("train", []).append(timed(lambda: train_step(entry.model, ids), device))
     t.setdefault("prefill", []).append(timed(lambda: prefill(entry, prompt), device))
-    if not entry.zoo or all(b.mixer.has_step for b in entry.model.model.layers):
+    if getattr(entry.model, "decodes", True) if not entry.zoo else all(b.mixer.has_step for b in entry.model.model.layers):
         t.setdefault("decode", []).append(decode(entry, dec_prompt, args.decode_tokens, device))
 
 
@@ -273,7 +324,7 @@ def run(args) -> list[Entry]:
         try:
             e.model = e.build().to(device=device, dtype=dtype)
             for _ in range(args.warmup):  # (a peer's training step is not warmed up: transformers' Mamba takes minutes)
-                _round(e, ids, prompt, dec_prompt, args, device, train=e.zoo)
+                _round(e, ids, prompt, dec_prompt, args, device, train=e.zoo or e.cheap)
             e.times.clear()
         except Exception as err:  # one model that cannot run here must not take the table down
             e.error, e.model = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}", None
@@ -281,7 +332,7 @@ def run(args) -> list[Entry]:
     live = [e for e in every if e.model is not None]
     for r in range(args.repeats):  # interleaved: each repeat times every model once
         for e in live:
-            _round(e, ids, prompt, dec_prompt, args, device, train=e.zoo or r < args.peer_train_repeats)
+            _round(e, ids, prompt, dec_prompt, args, device, train=e.zoo or e.cheap or r < args.peer_train_repeats)
         print(f"repeat {r + 1}/{args.repeats} done", flush=True)
     for e in live:
         e.peak_mib = peak_train_mib(e.model, ids, device) if e.zoo else None  # (the table shows zoo's)
@@ -416,11 +467,14 @@ def main(argv: list[str] | None = None) -> list[list]:
             f"{args.warmup} warm-up; peak train MiB = peak allocation of one training step above what was allocated "
             + ("before it (torch.cuda.max_memory_allocated)" if device.type == "cuda" else
                "before it, from the torch profiler's CPU allocator memory events")
-            + f"; peers' training: {min(args.peer_train_repeats, args.repeats)} timed step(s) without warm-up"
+            + f"; transformers peers' training: {min(args.peer_train_repeats, args.repeats)} timed step(s) without warm-up"
+            + " (lucidrains peers: warmed up and timed like zoo)"
             + f"; state floats/seq = what decoding carries at context {args.length} (zoo: state_size(); peers: their "
-            "cache after the prefill); x = zoo / peer (above 1: zoo faster). Peers: transformers' torch paths, fresh "
-            "weights, at matched sizes"
+            "cache after the prefill); x = zoo / peer (above 1: zoo faster). Peers: transformers' torch paths and "
+            "lucidrains' LMs (their GELU MLP of 4 d per layer, matched by the '+gelu' zoo rows; GateLoop's has no "
+            "cache, so no decode), fresh weights, at matched sizes"
             + (f"; not installed here, so not compared: {', '.join(missing)}" if missing else "")
+            + "; flash-linear-attention: no peer wired yet"
             + (f"; plot of training-step time vs L: {args.plot}" if args.plot else "") + "."
         ),
     )

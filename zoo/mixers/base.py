@@ -29,6 +29,11 @@ from zoo.models.cache import RecurrentStateLayer, get_state, set_state
 State = dict[str, torch.Tensor]
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, without the dispatch of a no-op ``.to`` (decode steps are overhead-bound)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class Mixer(nn.Module, metaclass=ABCMeta):
     """Base class of every mixer. Subclasses set ``causal`` and implement forward, step, state_size."""
 

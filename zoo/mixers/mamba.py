@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.kernels import causal_conv1d, selective_scan
-from zoo.mixers.base import RecurrentMixer, State
+from zoo.mixers.base import RecurrentMixer, State, as_dtype
 from zoo.nn.init import dt_bias_init
 from zoo.packing import last_inputs
 from zoo.registry import register_mixer
@@ -139,27 +139,30 @@ class Mamba(RecurrentMixer):
         """One token ``x (B, D)`` -> ``y (B, D)`` and the new state.
 
         The same arithmetic as ``causal_conv1d_update`` + ``selective_state_update``, written as few fused ops as
-        possible: a decode step is overhead-bound (tiny tensors), so each op saved is time saved.
+        possible: a decode step is overhead-bound (tiny tensors), so each op saved is time saved (no dtype
+        conversion that would be a no-op).
         """
+        conv, ssm = state["conv"], state["ssm"]
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, E) each
-        window = torch.cat([state["conv"], xs.to(state["conv"].dtype)[..., None]], dim=-1)  # (B, E, d_conv)
-        xc = torch.linalg.vecdot(window.to(xs.dtype), self.conv1d.weight[:, 0].to(xs.dtype))  # conv at the newest token
+        window = torch.cat([conv, as_dtype(xs, conv.dtype)[..., None]], dim=-1)  # (B, E, d_conv)
+        w = self.conv1d.weight[:, 0]
+        xc = torch.linalg.vecdot(as_dtype(window, xs.dtype), as_dtype(w, xs.dtype))  # the conv at the newest token
         if self.conv1d.bias is not None:
-            xc = xc + self.conv1d.bias.to(xs.dtype)
+            xc = xc + as_dtype(self.conv1d.bias, xs.dtype)
         xc = F.silu(xc)  # (B, E)
         dt, Bm, Cm = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        f = torch.float64 if state["ssm"].dtype == torch.float64 else torch.float32
+        f = ssm.dtype if ssm.dtype == torch.float64 else torch.float32
         if dt.dtype == f:
-            dt = F.softplus(F.linear(dt, self.dt_proj.weight, self.dt_proj.bias.to(f)))  # (B, E)
+            dt = F.softplus(F.linear(dt, self.dt_proj.weight, as_dtype(self.dt_proj.bias, f)))  # (B, E)
         else:
             dt = F.softplus(F.linear(dt, self.dt_proj.weight).to(f) + self.dt_proj.bias.to(f))
-        xf = xc.to(f)
+        xf = as_dtype(xc, f)
         # h = exp(dt A) h + (dt x) B, A = -exp(A_log);  y = C . h + D x, gated by silu(z)
-        dA = torch.exp(dt[..., None] * -torch.exp(self.A_log.to(f)))  # (B, E, N)
-        h = torch.addcmul(dA * state["ssm"].to(f), (dt * xf)[..., None], Bm.to(f)[:, None])
-        y = torch.addcmul(torch.bmm(h, Cm.to(f)[..., None])[..., 0], xf, self.D.to(f))
-        y = y * F.silu(z.to(f))
-        return self.out_proj(y.to(x.dtype)), {"conv": window[..., 1:], "ssm": h.to(state["ssm"].dtype)}
+        dA = torch.exp(dt[..., None] * -torch.exp(as_dtype(self.A_log, f)))  # (B, E, N)
+        h = torch.addcmul(dA * as_dtype(ssm, f), (dt * xf)[..., None], as_dtype(Bm, f)[:, None])
+        y = torch.addcmul(torch.bmm(h, as_dtype(Cm, f)[..., None])[..., 0], xf, as_dtype(self.D, f))
+        y = y * F.silu(as_dtype(z, f))
+        return self.out_proj(as_dtype(y, x.dtype)), {"conv": window[..., 1:], "ssm": as_dtype(h, ssm.dtype)}
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
         """Zeros: conv ``(B, E, d_conv - 1)`` in ``dtype``, ssm ``(B, E, N)`` in float32."""

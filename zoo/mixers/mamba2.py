@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo import kernels
-from zoo.mixers.base import RecurrentMixer, State
+from zoo.mixers.base import RecurrentMixer, State, as_dtype
 from zoo.nn.init import SSDLayer
 from zoo.packing import last_inputs
 from zoo.registry import register_mixer
@@ -50,7 +50,7 @@ class Mamba2(SSDLayer, RecurrentMixer):
 
     def _dt(self, dt: torch.Tensor) -> torch.Tensor:
         ct = torch.promote_types(dt.dtype, torch.float32)
-        return F.softplus(dt.to(ct) + self.dt_bias.to(ct))
+        return F.softplus(as_dtype(dt, ct) + as_dtype(self.dt_bias, ct))
 
     def scan(self, x: torch.Tensor, *, state: State | None = None, mask: torch.Tensor | None = None,
              cu_seqlens: torch.Tensor | None = None, return_state: bool = False) -> tuple[torch.Tensor, State | None]:
@@ -95,28 +95,30 @@ class Mamba2(SSDLayer, RecurrentMixer):
         """One token ``x (B, D)`` -> ``y (B, D)``: O(1) conv-state and SSM-state update.
 
         The arithmetic of ``causal_conv1d_update`` and the SSD recurrence in few fused ops (a decode step is
-        overhead-bound): heads are viewed as ``(ngroups, heads per group)`` so B and C broadcast, never copied.
+        overhead-bound): heads are viewed as ``(ngroups, heads per group)`` so B and C broadcast, never copied;
+        no dtype conversion that would be a no-op.
         """
         Bsz, G, N = x.shape[0], self.ngroups, self.d_state
+        conv = state["conv"]
         z, xBC, dt = self._split(self.in_proj(x))
-        window = torch.cat([state["conv"].to(xBC.dtype), xBC[..., None]], dim=-1)  # (B, conv_dim, d_conv)
-        xc = torch.linalg.vecdot(window, self.conv1d.weight[:, 0].to(xBC.dtype))  # the conv at the newest position
+        window = torch.cat([as_dtype(conv, xBC.dtype), xBC[..., None]], dim=-1)  # (B, conv_dim, d_conv)
+        xc = torch.linalg.vecdot(window, as_dtype(self.conv1d.weight[:, 0], xBC.dtype))  # the conv at the newest position
         if self.conv1d.bias is not None:
-            xc = xc + self.conv1d.bias.to(xc.dtype)
+            xc = xc + as_dtype(self.conv1d.bias, xc.dtype)
         xc = F.silu(xc)  # (B, conv_dim)
         dt = self._dt(dt)  # (B, H)
         f = dt.dtype
-        xs, Bm, Cm = xc.to(f).split([self.d_inner, G * N, G * N], dim=-1)
+        xs, Bm, Cm = as_dtype(xc, f).split([self.d_inner, G * N, G * N], dim=-1)
         rep = self.nheads // G
         xs = xs.view(Bsz, G, rep, self.headdim)  # (B, G, H/G, P)
-        dA = torch.exp(dt * -torch.exp(self.A_log.to(f))).view(Bsz, G, rep, 1, 1)
+        dA = torch.exp(dt * -torch.exp(as_dtype(self.A_log, f))).view(Bsz, G, rep, 1, 1)
         dtx = (dt.view(Bsz, G, rep, 1) * xs)[..., None]  # (B, G, H/G, P, 1)
-        ssm = state["ssm"].to(f).view(Bsz, G, rep, self.headdim, N)
+        ssm = as_dtype(state["ssm"], f).view(Bsz, G, rep, self.headdim, N)
         ssm = torch.addcmul(ssm * dA, dtx, Bm.view(Bsz, G, 1, 1, N))  # h = exp(dt A) h + dt x B^T
         y = torch.matmul(ssm, Cm.view(Bsz, G, 1, N, 1))[..., 0]  # (B, G, H/G, P)
-        y = torch.addcmul(y, xs, self.D.to(f).view(G, rep, 1))  # + D x
-        y = self.out_proj(self.norm(y.reshape(Bsz, self.d_inner).to(x.dtype), z))
-        return y, {"conv": window[..., 1:].to(state["conv"].dtype), "ssm": ssm.view(Bsz, self.nheads, self.headdim, N)}
+        y = torch.addcmul(y, xs, as_dtype(self.D, f).view(G, rep, 1))  # + D x
+        y = self.out_proj(self.norm(as_dtype(y.reshape(Bsz, self.d_inner), x.dtype), z))
+        return y, {"conv": as_dtype(window[..., 1:], conv.dtype), "ssm": ssm.view(Bsz, self.nheads, self.headdim, N)}
 
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> State:
         return {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import torch
 
 import zoo
 from zoo.benchmarks import all as bench_all
@@ -42,6 +43,7 @@ def test_quick_table_has_a_row_per_architecture(tmp_path, capsys, monkeypatch):
     for name, peer in (("mamba", "MambaForCausalLM"), ("mamba2", "Mamba2ForCausalLM"),
                        ("attention+swiglu (Llama-shaped)", "LlamaForCausalLM")):
         assert peer in rows[name][8] and rows[name][10].endswith("x") and rows[name][14].endswith("x"), rows[name]
+        assert float(rows[name][15]) > 0 and rows[name][16].endswith("x"), rows[name]  # decode floor and its bound
     assert "peak train MiB" in out and "torch profiler" in out
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert list(tmp_path.iterdir()) == [png]  # no record without --record
@@ -52,6 +54,19 @@ def test_only_and_no_peers_select_rows(capsys):
     rows = _rows(capsys.readouterr().out)
     assert set(rows) == {"mingru", "samba"}
     assert rows["mingru"][8] == "-"  # no peer column filled
+
+
+def test_decode_floor_reads_every_weight_matrix_once():
+    # tied head: the embedding is the head's weight and counts once; untied: the head is its own matrix
+    for tied in (True, False):
+        model = zoo.build_model({"model": {"vocab_size": 96, "d_model": 16, "n_layers": 2, "pattern": ["mamba"],
+                                           "tie_word_embeddings": tied}})
+        mats = bench_all._gemv_weights(model)
+        shapes = sorted(tuple(m.shape) for m in mats)
+        assert shapes.count((96, 16)) == 1, shapes
+        expected = [p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n and "lm_head" not in n]
+        assert len(mats) == len(expected) + 1
+        assert bench_all.decode_floor(model, 2, torch.device("cpu")) > 0
 
 
 def test_unknown_name_is_one_sentence():

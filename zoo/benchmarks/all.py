@@ -8,7 +8,9 @@ on a shared machine hits all of them alike), medians after warm-up:
 - training tokens/s: forward + backward of the LM loss on ``--batch x --length`` tokens;
 - prefill tokens/s: batch 1, ``--length`` tokens, no grad, into a fresh cache (a forward without cache for
   bidirectional mixers, which have none);
-- decode tokens/s: batch 1, greedy, after a ``--decode-prompt`` prompt, with the model's own cache loop;
+- decode tokens/s: batch 1, greedy, after a ``--decode-prompt`` prompt, with the model's own cache loop; beside
+  it the decode floor, tokens/s of the GEMVs alone (one per weight matrix per token: what batch-1 decoding must
+  read, memory-bound on a CPU), and the bound it puts on the decode ratio;
 - peak memory of one training step above what was allocated before it (CPU: the torch profiler's memory events
   of the CPU allocator; CUDA: ``torch.cuda.max_memory_allocated``);
 - state size: floats per sequence that decoding carries at context ``--length`` (``state_size()``; a peer's is
@@ -245,6 +247,35 @@ def decode(entry: Entry, prompt, n: int, device) -> float:
     return time.perf_counter() - t0
 
 
+def _gemv_weights(model) -> list[torch.Tensor]:
+    """The matrices a batch-1 decode step multiplies by: every 2-D weight except the embedding, plus the head."""
+    embed = model.get_input_embeddings().weight
+    mats = [p.detach() for p in model.parameters() if p.dim() == 2 and p is not embed]
+    head = model.get_output_embeddings()
+    if head is not None and not any(head.weight is m or head.weight.data_ptr() == m.data_ptr() for m in mats):
+        mats.append(head.weight.detach())
+    return mats
+
+
+@torch.no_grad()
+def decode_floor(model, n: int, device) -> float:
+    """Seconds for ``n`` rounds of one GEMV with each of the model's weight matrices, nothing else.
+
+    At batch 1 a decode step must read every weight once; on a CPU that is memory-bandwidth bound, so this is
+    (up to cache effects) a floor for any implementation of the same model in the same precision: the column
+    ``decode floor tok/s``, and ``decode x bound`` = the largest ``decode x`` any implementation could reach.
+    """
+    mats = _gemv_weights(model)
+    vecs = [torch.randn(1, w.shape[1], device=device, dtype=w.dtype) for w in mats]
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        for w, v in zip(mats, vecs):
+            torch.nn.functional.linear(v, w)
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def timed(fn, device) -> float:
     sync(device)
     t0 = time.perf_counter()
@@ -309,6 +340,8 @@ def _round(entry: Entry, ids, prompt, dec_prompt, args, device, *, train: bool =
     t.setdefault("prefill", []).append(timed(lambda: prefill(entry, prompt), device))
     if getattr(entry.model, "decodes", True) if not entry.zoo else all(b.mixer.has_step for b in entry.model.model.layers):
         t.setdefault("decode", []).append(decode(entry, dec_prompt, args.decode_tokens, device))
+        if entry.zoo:
+            t.setdefault("floor", []).append(decode_floor(entry.model, args.decode_tokens, device))
 
 
 def run(args) -> list[Entry]:
@@ -364,7 +397,7 @@ def _params(model) -> str:
 def table(todo: list[Entry], args) -> tuple[list[str], list[list]]:
     header = ["model", "layers", "params", "train tok/s", "prefill tok/s", "decode tok/s", "peak train MiB",
               "state floats/seq", "peer", "peer train tok/s", "train x", "peer prefill tok/s", "prefill x",
-              "peer decode tok/s", "decode x"]
+              "peer decode tok/s", "decode x", "decode floor tok/s", "decode x bound"]
     ntrain, nprefill, ndec = args.batch * args.length, args.length, args.decode_tokens
     fmt = lambda v: "-" if v is None else round(v, 1) if v < 100 else round(v)  # noqa: E731
     ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}x"  # noqa: E731
@@ -373,16 +406,18 @@ def table(todo: list[Entry], args) -> tuple[list[str], list[list]]:
         if e.model is None:
             rows.append([e.name, "-", "-", f"not run: {e.error}", *["-"] * (len(header) - 4)])
             continue
+        floor = _tok_s(e, "floor", ndec)
         ours = [_tok_s(e, k, n) for k, n in (("train", ntrain), ("prefill", nprefill), ("decode", ndec))]
         row = [e.name, e.layers, _params(e.model), *map(fmt, ours), fmt(e.peak_mib), e.state]
         p = e.peer if e.peer is not None and e.peer.model is not None else None
         if p is None:
-            row += ["-" if e.peer is None else f"not run: {e.peer.error}", *["-"] * 6]
+            row += ["-" if e.peer is None else f"not run: {e.peer.error}", *["-"] * 6, fmt(floor), "-"]
         else:
             theirs = [_tok_s(p, k, n) for k, n in (("train", ntrain), ("prefill", nprefill), ("decode", ndec))]
             row += [f"{p.name} ({_params(p.model)}, state {p.state})"]
             for a, b in zip(ours, theirs):
                 row += [fmt(b), ratio(a, b)]
+            row += [fmt(floor), ratio(floor, theirs[2])]
         rows.append(row)
     return header, rows
 

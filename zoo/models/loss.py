@@ -40,26 +40,57 @@ class TiledLinearCrossEntropy(torch.autograd.Function):
     """``cross_entropy(linear(hidden, weight).float(), targets)`` (mean over targets != -100), ``chunk_size`` rows at a time.
 
     ``hidden`` (N, D) and ``weight`` (V, D) share a dtype; logits are computed in it and the softmax in fp32, as the
-    untiled ``lm_head`` + ``causal_lm_loss``. Nothing of size (N, V) is saved: the backward recomputes each tile.
+    untiled ``lm_head`` + ``causal_lm_loss``. Nothing of size (N, V) is saved.
+
+    The loss is a scalar, so its gradients are ``grad_out / count`` times fixed tensors: with ``eager_grad`` the
+    forward forms them while each tile's logits are at hand (``softmax - onehot`` times ``weight`` and ``hidden``:
+    three head matmuls in all, as untiled logits take, instead of four) and the backward only scales them. Without
+    it (no gradient wanted, or float16, whose narrow range the recompute's early scaling protects) the backward
+    recomputes each tile's logits.
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
-        """Returns the mean loss and, per row, the argmax of its logits (not differentiable; for accuracy)."""
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                eager_grad: bool = False, with_preds: bool = True):
+        """Returns the mean loss and, per row, the argmax of its logits (not differentiable; for accuracy; empty
+        without ``with_preds``)."""
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        preds = torch.empty(hidden.shape[0], dtype=torch.long, device=hidden.device)
-        for s in range(0, hidden.shape[0], chunk_size):
-            logits = F.linear(hidden[s : s + chunk_size], weight).float()  # (chunk, V)
-            total += F.cross_entropy(logits, targets[s : s + chunk_size], ignore_index=IGNORE_INDEX, reduction="sum")
-            preds[s : s + chunk_size] = logits.argmax(-1)
+        preds = torch.empty(hidden.shape[0] if with_preds else 0, dtype=torch.long, device=hidden.device)
         count = (targets != IGNORE_INDEX).sum()
-        ctx.save_for_backward(hidden, weight, targets, count)
-        ctx.chunk_size = chunk_size
+        need_h, need_w = ctx.needs_input_grad[0] and eager_grad, ctx.needs_input_grad[1] and eager_grad
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for s in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[s : s + chunk_size], targets[s : s + chunk_size]
+            logits = F.linear(h, weight).float()  # (chunk, V)
+            if with_preds:
+                preds[s : s + chunk_size] = logits.argmax(-1)
+            if not (need_h or need_w):
+                total += F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum")
+                continue
+            logp = logits.log_softmax(-1)
+            total += F.nll_loss(logp, t, ignore_index=IGNORE_INDEX, reduction="sum")
+            grad = _softmax_minus_onehot(logp.exp_(), t, 1.0).to(hidden.dtype)  # the backward scales by grad_out / count
+            if need_h:
+                grad_h[s : s + chunk_size] = grad @ weight
+            if need_w:
+                grad_w += (grad.t() @ h).float()
+        ctx.chunk_size, ctx.eager, ctx.weight_dtype = chunk_size, need_h or need_w, weight.dtype
+        if ctx.eager:
+            ctx.save_for_backward(grad_h, grad_w, count)
+        else:
+            ctx.save_for_backward(hidden, weight, targets, count)
         ctx.mark_non_differentiable(preds)
         return total / count, preds  # nan when nothing is labelled, as F.cross_entropy
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor, _grad_preds=None):
+        if ctx.eager:
+            gh, gw, count = ctx.saved_tensors
+            scale = grad_out.float() / count  # the same factor the recomputing backward applies
+            grad_h = None if gh is None else (gh.float() * scale).to(gh.dtype)
+            grad_w = None if gw is None else (gw * scale).to(ctx.weight_dtype)
+            return grad_h, grad_w, None, None, None, None
         hidden, weight, targets, count = ctx.saved_tensors
         chunk = ctx.chunk_size
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -69,17 +100,21 @@ class TiledLinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, hidden.shape[0], chunk):
                 h, t = hidden[s : s + chunk], targets[s : s + chunk]
-                grad = F.linear(h, weight).float().softmax(-1)  # (chunk, V): d loss_i / d logits_i = p - onehot
-                valid = t != IGNORE_INDEX
-                rows = valid.nonzero().squeeze(1)
-                grad[rows, t[rows]] -= 1.0
-                grad *= valid.unsqueeze(1) * scale
-                grad = grad.to(hidden.dtype)
+                grad = _softmax_minus_onehot(F.linear(h, weight).float().softmax(-1), t, scale).to(hidden.dtype)
                 if need_h:
                     grad_h[s : s + chunk] = grad @ weight
                 if need_w:
                     grad_w += (grad.t() @ h).float()
-        return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None
+        return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None, None
+
+
+def _softmax_minus_onehot(p: torch.Tensor, t: torch.Tensor, scale) -> torch.Tensor:
+    """``(p - onehot(t)) * scale`` in place on ``p`` (chunk, V), rows whose target is ignored zeroed: d loss / d logits."""
+    valid = t != IGNORE_INDEX
+    rows = valid.nonzero().squeeze(1)
+    p[rows, t[rows]] -= 1.0
+    p *= valid.unsqueeze(1) * scale
+    return p
 
 
 def tiled_causal_lm_loss(
@@ -96,13 +131,16 @@ def tiled_causal_lm_loss(
     runs in the autocast dtype, as ``nn.Linear`` would.
     """
     targets = shift_labels(labels.to(hidden.device), cu_seqlens).reshape(-1)
-    return tiled_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets, chunk_size=chunk_size)[0]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return tiled_linear_cross_entropy(flat, weight, targets, chunk_size=chunk_size, with_preds=False)[0]
 
 
 def tiled_linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 1024
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk_size: int = 1024,
+    with_preds: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean ``cross_entropy(F.linear(hidden, weight), targets)`` over targets != -100, and each row's argmax.
+    """Mean ``cross_entropy(F.linear(hidden, weight), targets)`` over targets != -100, and each row's argmax
+    (an empty tensor with ``with_preds=False``, which skips computing it).
 
     ``hidden`` (N, D), ``weight`` (V, D), ``targets`` (N,); at most ``chunk_size`` rows of logits exist at a time
     (forward and backward). Under autocast the head runs in the autocast dtype, as ``nn.Linear`` would.
@@ -114,5 +152,8 @@ def tiled_linear_cross_entropy(
         dtype = torch.get_autocast_dtype(device_type)
     else:
         dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    # gradients formed in the forward (no recompute) when a backward will want them; float16 keeps the recompute
+    eager = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad) and dtype != torch.float16
     with torch.autocast(device_type, enabled=False):
-        return TiledLinearCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), targets, int(chunk_size))
+        return TiledLinearCrossEntropy.apply(hidden, weight, targets, int(chunk_size), eager, with_preds)

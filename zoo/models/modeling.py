@@ -566,7 +566,8 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             local = h.sum() * 0.0  # nothing to predict here; keeps this rank in the backward
         elif tiled:
             local = tiled_linear_cross_entropy(
-                h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets, chunk_size=self.config.loss_chunk_size
+                h.reshape(-1, h.shape[-1]), self.lm_head.weight, targets, chunk_size=self.config.loss_chunk_size,
+                with_preds=False,
             )[0]
         else:
             local = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX)

@@ -212,6 +212,29 @@ def test_ssd_equals_sequential(backend, with_d):
         torch.testing.assert_close(a, b)
 
 
+def test_ssd_torch_path_picks_its_own_chunk_and_stays_exact(monkeypatch):
+    from zoo.kernels import ssd_scan
+
+    # Mamba-2's sizes (d_state 128, headdim 64) run at 64 instead of the configured 256; never above chunk_size or L
+    assert ssd_scan.torch_chunk(256, 128, 64, 4096) == 64
+    assert ssd_scan.torch_chunk(32, 128, 64, 4096) == 32 and ssd_scan.torch_chunk(256, 128, 64, 10) == 10
+    assert ssd_scan.torch_chunk(256, 256, 64, 4096) == 128 and ssd_scan.torch_chunk(256, 16, 8, 4096) == 16
+    seen = []
+    real = ssd_scan.ssd_chunked
+    monkeypatch.setattr(ssd_scan, "ssd_chunked", lambda *a, **k: seen.append(k["chunk_size"]) or real(*a, **k))
+    ins = ssd_inputs(l=70, p=16, n=32)
+    x, dt, A, B, C, D, h0 = ins
+    y, hT = ssd(x, dt, A, B, C, D, chunk_size=256, initial_state=h0, return_final_state=True, backend="torch")
+    assert seen == [16]  # 0.8 * sqrt(32 * 16) = 18 -> 16
+    y_ref, h_ref = ssd_ref(x, dt, A, B, C, D, initial_state=h0)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(hT, h_ref)
+    got = torch.autograd.grad(y.sum() + hT.sum(), [x, dt, A, B, C])
+    want = torch.autograd.grad(y_ref.sum() + h_ref.sum(), [x, dt, A, B, C])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 def test_ssd_packed_equals_separate():
     cu = torch.tensor([0, 12, 30])
     x, dt, A, B, C, D, h0 = (t.detach() if t is not None else None for t in ssd_inputs(b=1, l=30, n_state=2))

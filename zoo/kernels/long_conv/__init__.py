@@ -42,13 +42,31 @@ def fft_conv(
     if D is not None and tuple(D.shape) != tuple(k.shape[:-1]):
         raise ValueError(f"fft_conv: D must have shape {tuple(k.shape[:-1])} (one skip weight per kernel); got {tuple(D.shape)}.")
     ct = torch.promote_types(torch.promote_types(u.dtype, k.dtype), torch.float32)
-    n = 2 * L
-    uf = torch.fft.rfft(u.to(ct), n=n)  # (B, H, L+1)
-    kf = torch.fft.rfft(k.to(ct), n=n)  # (H|C,H, L+1)
-    if k.dim() == 3:
-        uf = uf[:, None]  # (B, 1, H, L+1)
-    y = torch.fft.irfft(uf * kf, n=n)[..., :L]  # (B, [C,] H, L)
+    # Channel tiles: every FFT intermediate (its backward's complex (rows, 2L) buffer the largest) stays under
+    # TILE_BYTES, so long sequences reuse heap memory instead of mapping fresh pages on every call. split/cat
+    # (not indexing) keep the backward one gather and one scatter, whatever the tile count.
+    rows = u.shape[0] * (k.shape[0] if k.dim() == 3 else 1)
+    per_channel = rows * 2 * L * 2 * torch.empty((), dtype=ct).element_size()
+    tile = max(1, min(H, TILE_BYTES // max(per_channel, 1)))
+    if tile >= H:
+        y = _fft_conv(u, k, ct)
+    else:
+        y = torch.cat([_fft_conv(ut, kt, ct) for ut, kt in zip(u.split(tile, dim=1), k.split(tile, dim=-2))], dim=-2)
     if D is not None:
         uu = u.to(ct) if k.dim() == 2 else u.to(ct)[:, None]
         y = y + D.to(ct)[..., None] * uu
     return y.to(u.dtype)
+
+
+TILE_BYTES = 8 << 20  # the largest FFT buffer of one channel tile (below glibc's 32 MiB mmap threshold)
+
+
+def _fft_conv(u: torch.Tensor, k: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
+    """``irfft(rfft(u, 2L) * rfft(k, 2L))[:L]`` in ``ct``: u ``(B, h, L)``, k ``(h, Lk)`` or ``(C, h, Lk)``."""
+    L = u.shape[-1]
+    n = 2 * L
+    uf = torch.fft.rfft(u.to(ct), n=n)  # (B, h, L+1)
+    kf = torch.fft.rfft(k.to(ct), n=n)  # (h|C,h, L+1)
+    if k.dim() == 3:
+        uf = uf[:, None]  # (B, 1, h, L+1)
+    return torch.fft.irfft(uf * kf, n=n)[..., :L]  # (B, [C,] h, L)

@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-kernels", action="store_true", help="only the mixers")
     ap.add_argument("--only", nargs="+", default=None, metavar="NAME",
                     help="cases to run: kernel names (e.g. linear_scan) or mixer names (e.g. mamba, attention)")
+    ap.add_argument("--note", default="", help="a sentence appended to the record's notes")
     args = ap.parse_args(argv)
     device, _ = setup(args)
     if device.type != "cpu":
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     notes = (f"float32, torch paths, forward + backward; median of {args.repeats} interleaved repeats after 1 warm-up; "
              "user/sys are this process's CPU times (getrusage). Kernel widths: linear_scan D=512; selective_scan E=256 N=16 "
              "(with D, z); ssd H=8 P=32 N=32 chunk 64; chunk_gla / chunk_delta_rule H=4 K=V=32; causal_conv1d E=512 W=4; "
-             f"fft_conv H=256; batch 1. Mixers: d_model={args.d_model}, default options, batch 1.")
+             f"fft_conv H=256; batch 1. Mixers: d_model={args.d_model}, default options, batch 1." + (f" {args.note}" if args.note else ""))
     record(f"Per-token cost from L={lengths[0]} to L={lengths[-1]} (forward + backward, torch paths)", header, rows,
            device=device, args=args, notes=notes)
 

@@ -49,24 +49,28 @@ def fft_conv(
     per_channel = rows * 2 * L * 2 * torch.empty((), dtype=ct).element_size()
     tile = max(1, min(H, TILE_BYTES // max(per_channel, 1)))
     if tile >= H:
-        y = _fft_conv(u, k, ct)
+        y = _fft_conv(u, k, D, ct)
     else:
-        y = torch.cat([_fft_conv(ut, kt, ct) for ut, kt in zip(u.split(tile, dim=1), k.split(tile, dim=-2))], dim=-2)
-    if D is not None:
-        uu = u.to(ct) if k.dim() == 2 else u.to(ct)[:, None]
-        y = y + D.to(ct)[..., None] * uu
+        Ds = D.split(tile, dim=-1) if D is not None else [None] * -(-H // tile)
+        y = torch.cat([_fft_conv(ut, kt, Dt, ct) for ut, kt, Dt in zip(u.split(tile, dim=1), k.split(tile, dim=-2), Ds)],
+                      dim=-2)
     return y.to(u.dtype)
 
 
 TILE_BYTES = 8 << 20  # the largest FFT buffer of one channel tile (below glibc's 32 MiB mmap threshold)
 
 
-def _fft_conv(u: torch.Tensor, k: torch.Tensor, ct: torch.dtype) -> torch.Tensor:
-    """``irfft(rfft(u, 2L) * rfft(k, 2L))[:L]`` in ``ct``: u ``(B, h, L)``, k ``(h, Lk)`` or ``(C, h, Lk)``."""
+def _fft_conv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None, ct: torch.dtype) -> torch.Tensor:
+    """``irfft(rfft(u, 2L) * (rfft(k, 2L) + D))[:L]`` in ``ct``: u ``(B, h, L)``, k ``(h, Lk)`` or ``(C, h, Lk)``.
+
+    The skip ``D u`` is a tap at lag 0, whose spectrum is D at every frequency: added to the kernel's spectrum it
+    costs no full-size temporaries (forward or backward)."""
     L = u.shape[-1]
     n = 2 * L
     uf = torch.fft.rfft(u.to(ct), n=n)  # (B, h, L+1)
     kf = torch.fft.rfft(k.to(ct), n=n)  # (h|C,h, L+1)
+    if D is not None:
+        kf = kf + D.to(ct)[..., None]
     if k.dim() == 3:
         uf = uf[:, None]  # (B, 1, h, L+1)
     return torch.fft.irfft(uf * kf, n=n)[..., :L]  # (B, [C,] h, L)

@@ -17,10 +17,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import zoo.kernels.delta_rule.chunked as delta_chunked
+import zoo.kernels.gla.chunked as gla_chunked
 import zoo.kernels.long_conv as long_conv
 import zoo.kernels.ssd_scan.chunked as ssd_chunked
-from zoo.kernels import chunk_delta_rule, fft_conv, ssd
+from zoo.kernels import chunk_delta_rule, chunk_gla, fft_conv, ssd
 from zoo.kernels.delta_rule.reference import delta_rule_reference
+from zoo.kernels.gla.reference import gla_recurrent
 from zoo.kernels.long_conv.reference import fft_conv_ref
 from zoo.kernels.ssd_scan.reference import ssd_ref
 
@@ -61,7 +63,15 @@ def _delta_case(L=4096):
     return (lambda q, k, v, beta, g: chunk_delta_rule(q, k, v, beta, g, chunk_size=64, backend="torch")[0]), ins
 
 
-@pytest.mark.parametrize("make", [_fft_case, _ssd_case, _delta_case], ids=["fft_conv", "ssd", "chunk_delta_rule"])
+def _gla_case(per_key: bool, L=4096):
+    H, K = (4, 16) if per_key else (16, 8)
+    g = F.logsigmoid(torch.randn(1, L, H, *((K,) if per_key else ())) - 1)  # strong decays: per-key sub-chunk path
+    ins = [torch.randn(1, L, H, K), torch.randn(1, L, H, K), torch.randn(1, L, H, K), g]
+    return (lambda q, k, v, g: chunk_gla(q, k, v, g, chunk_size=64, backend="torch")[0]), ins
+
+
+@pytest.mark.parametrize("make", [_fft_case, _ssd_case, _delta_case, lambda: _gla_case(False), lambda: _gla_case(True)],
+                         ids=["fft_conv", "ssd", "chunk_delta_rule", "chunk_gla_scalar", "chunk_gla_per_key"])
 def test_no_buffer_outgrows_the_tile_budget_or_the_inputs(make):
     torch.manual_seed(0)
     fn, ins = make()
@@ -139,3 +149,25 @@ def test_chunk_delta_rule_in_many_tiles_matches_the_recurrence(monkeypatch, pack
     grads = torch.autograd.grad((o * seed).sum() + (s * seed_s).sum(), [*ins, h0])
     for g, g_ref in zip(grads, torch.autograd.grad((o_ref * seed).sum() + (s_ref * seed_s).sum(), [*ins, h0])):
         assert _rel(g, g_ref) < 1e-10
+
+
+@pytest.mark.parametrize("gate", ["scalar", "per_key_factored", "per_key_sub_chunks"])
+def test_chunk_gla_in_many_tiles_matches_the_recurrence(monkeypatch, gate):
+    monkeypatch.setattr(gla_chunked, "TILE_BYTES", 1)  # one chunk per tile
+    torch.manual_seed(0)
+    B, L, H, K, V = 2, 45, 2, 4, 3
+    f64 = dict(dtype=torch.float64)
+    shift = -4.0 if gate == "per_key_sub_chunks" else 2.0  # strong decays: spans past SAFE_SPAN in a 32-step chunk
+    g = F.logsigmoid(torch.randn(B, L, H, *(() if gate == "scalar" else (K,)), **f64) + shift)
+    ins = [torch.randn(B, L, H, K, **f64), torch.randn(B, L, H, K, **f64), torch.randn(B, L, H, V, **f64), g,
+           torch.randn(B, H, K, V, **f64)]
+    ins = [t.requires_grad_() for t in ins]
+    q, k, v, g, h0 = ins
+    kw = dict(initial_state=h0, output_final_state=True)
+    o, s = chunk_gla(q, k, v, g, chunk_size=32, backend="torch", **kw)
+    o_ref, s_ref = gla_recurrent(q, k, v, g, **kw)
+    assert _rel(o, o_ref) < 1e-10 and _rel(s, s_ref) < 1e-10
+    seed, seed_s = torch.randn_like(o_ref), torch.randn_like(s_ref)
+    grads = torch.autograd.grad((o * seed).sum() + (s * seed_s).sum(), ins)
+    for gr, g_ref in zip(grads, torch.autograd.grad((o_ref * seed).sum() + (s_ref * seed_s).sum(), ins)):
+        assert _rel(gr, g_ref) < 1e-10

@@ -21,12 +21,11 @@ import zoo.kernels.gla.chunked as gla_chunked
 import zoo.kernels.long_conv as long_conv
 import zoo.kernels.ssd_scan.chunked as ssd_chunked
 from zoo.kernels import chunk_delta_rule, chunk_gla, fft_conv, ssd
+from zoo.kernels._dispatch import TILE_BYTES as BUDGET  # the tile budget the kernels ship with
 from zoo.kernels.delta_rule.reference import delta_rule_reference
 from zoo.kernels.gla.reference import gla_recurrent
 from zoo.kernels.long_conv.reference import fft_conv_ref
 from zoo.kernels.ssd_scan.reference import ssd_ref
-
-BUDGET = 8 << 20  # the tile budget the kernels ship with
 
 
 class _LargestBuffer(TorchDispatchMode):

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from zoo.kernels._dispatch import TILE_BYTES as _TILE_BYTES
+
 
 def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
     """``(I + A)^-1`` for strictly lower-triangular ``A (..., n, n)``, by 2x2 block recursion.
@@ -57,7 +59,7 @@ def _chunk_layout(cu: torch.Tensor, chunk_size: int, total: int):
     return idx, order, running.sum(1).tolist()
 
 
-TILE_BYTES = 8 << 20  # the largest (chunks, H, C, C) tensor of one tile of chunks
+TILE_BYTES = _TILE_BYTES  # the largest (chunks, H, C, C) tensor of one tile of chunks
 
 
 def _intra_chunk(kc, vc, bc, gc, le, lt, eye):

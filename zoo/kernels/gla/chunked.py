@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from zoo.kernels._dispatch import TILE_BYTES as _TILE_BYTES
+
 SUB_CHUNK = 16
 SAFE_SPAN = 30.0  # e^30 ~ 1e13: far from float32 overflow (3e38) and underflow (1e-38)
 
@@ -58,7 +60,7 @@ def _intra_per_key(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor) -> torch.T
     return rearrange(A, "... a b i j -> ... (a i) (b j)")  # (..., C, C)
 
 
-TILE_BYTES = 8 << 20  # the largest intra-chunk score tensor of one tile of chunks
+TILE_BYTES = _TILE_BYTES  # the largest intra-chunk score tensor of one tile of chunks
 
 
 def _intra_outputs(q, k, v, G, scale: float) -> torch.Tensor:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from zoo.kernels._dispatch import TILE_BYTES as _TILE_BYTES
+
 __all__ = ["fft_conv"]
 
 
@@ -57,7 +59,7 @@ def fft_conv(
     return y.to(u.dtype)
 
 
-TILE_BYTES = 8 << 20  # the largest FFT buffer of one channel tile (below glibc's 32 MiB mmap threshold)
+TILE_BYTES = _TILE_BYTES  # the largest FFT buffer of one channel tile
 
 
 def _fft_conv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None, ct: torch.dtype) -> torch.Tensor:

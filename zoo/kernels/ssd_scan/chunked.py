@@ -19,11 +19,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo.kernels._dispatch import TILE_BYTES as _TILE_BYTES
 from zoo.kernels.gla.chunked import inter_chunk_states
 from zoo.packing import from_padded_batch, packed_index, to_padded_batch
 
-
-TILE_BYTES = 8 << 20  # the largest (b, chunks, h, c, c) intra-chunk tensor of one tile of chunks
+TILE_BYTES = _TILE_BYTES  # the largest (b, chunks, h, c, c) intra-chunk tensor of one tile of chunks
 
 
 def _intra(Gh, Cg, Bg, vt, tri, g: int, hg: int) -> torch.Tensor:

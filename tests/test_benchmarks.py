@@ -31,9 +31,16 @@ def test_unknown_benchmark_is_one_sentence(capsys):
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("name", ["all", "delta_rule", "distributed", "hybrid", "linear_scan", "mamba_cpu"])
+@pytest.mark.parametrize("name", ["all", "delta_rule", "distributed", "hybrid", "linear_scan", "mamba_cpu", "scaling"])
 def test_every_benchmark_parses_the_shared_options(name, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", name, "--help"])
     assert e.value.code == 0
     assert "--record FILE" in capsys.readouterr().out
+
+
+def test_bench_scaling_prints_ratios_and_verdicts(capsys):
+    args = ["bench", "scaling", "--lengths", "64", "128", "--repeats", "1", "--only", "linear_scan", "mingru"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| scan/linear_scan |" in out and "| mixer mingru |" in out and "wall ratio 128/64" in out

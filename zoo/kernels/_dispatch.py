@@ -54,6 +54,14 @@ def triton_available() -> bool:
     return True
 
 
+#: The largest intermediate buffer (bytes) a torch path builds beyond its inputs and outputs: fft_conv, ssd,
+#: chunk_gla and chunk_delta_rule work in tiles (of channels or of chunks) under it. A fresh buffer past glibc's mmap
+#: threshold (32 MiB at most) is mapped and unmapped on every call, page-faulting all of it again, which grows the
+#: per-token cost with L (``zoo bench scaling``); under it, freed memory is reused. Each module keeps its own copy
+#: (tests lower it to force many tiles).
+TILE_BYTES = 8 << 20
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a kernel accumulates in: float32 for half-precision inputs, float32 / float64 / complex as they are."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from zoo.kernels._dispatch import TILE_BYTES as _TILE_BYTES
+
 
 def _unit_lower_inverse(A: torch.Tensor) -> torch.Tensor:
     """``(I + A)^-1`` for strictly lower-triangular ``A (..., n, n)``, by 2x2 block recursion.
@@ -57,6 +59,26 @@ def _chunk_layout(cu: torch.Tensor, chunk_size: int, total: int):
     return idx, order, running.sum(1).tolist()
 
 
+TILE_BYTES = _TILE_BYTES  # the largest (chunks, H, C, C) tensor of one tile of chunks
+
+
+def _intra_chunk(kc, vc, bc, gc, le, lt, eye):
+    """Per-chunk quantities of a tile of chunks: ``G``, ``D = exp(G_t - G_i)`` (i <= t), ``(u, w)``, and the
+    state transition ``trans (t, H, K, K)`` and injection ``inject (t, H, K, V)`` of each chunk."""
+    V = vc.shape[-1]
+    G = gc.cumsum(-1)  # (t, H, C)
+    D = (G[..., :, None] - G[..., None, :]).masked_fill(~le, float("-inf")).exp()  # (t, H, C, C), exp(G_t - G_i), i <= t
+    A = (bc[..., :, None] * D * (kc @ kc.transpose(-1, -2))).masked_fill(~lt, 0.0)
+    rhs = torch.cat([bc[..., None] * vc, (bc * G.exp())[..., None] * kc], dim=-1)  # (t, H, C, V + K)
+    uw = _unit_lower_inverse(A) @ rhs
+    u, w = uw[..., :V], uw[..., V:]  # (t, H, C, V), (t, H, C, K)
+    g_last = G[..., -1]  # (t, H)
+    kd = kc * (g_last[..., None] - G).exp()[..., None]  # (t, H, C, K)
+    trans = g_last.exp()[..., None, None] * eye - kd.transpose(-1, -2) @ w  # (t, H, K, K)
+    inject = kd.transpose(-1, -2) @ u  # (t, H, K, V)
+    return G, D, (u, w), trans, inject
+
+
 def chunk_delta_rule_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -95,16 +117,14 @@ def chunk_delta_rule_torch(
 
     le = torch.ones(C, C, dtype=torch.bool, device=dev).tril()
     lt = le.tril(-1)
-    G = gc.cumsum(-1)  # (Nc, H, C)
-    D = (G[..., :, None] - G[..., None, :]).masked_fill(~le, float("-inf")).exp()  # (Nc, H, C, C), exp(G_t - G_i), i <= t
-    A = (bc[..., :, None] * D * (kc @ kc.transpose(-1, -2))).masked_fill(~lt, 0.0)
-    rhs = torch.cat([bc[..., None] * vc, (bc * G.exp())[..., None] * kc], dim=-1)  # (Nc, H, C, V + K)
-    uw = _unit_lower_inverse(A) @ rhs
-    u, w = uw[..., :V], uw[..., V:]  # (Nc, H, C, V), (Nc, H, C, K)
-    g_last = G[..., -1]  # (Nc, H)
-    kd = kc * (g_last[..., None] - G).exp()[..., None]  # (Nc, H, C, K)
-    trans = g_last.exp()[..., None, None] * torch.eye(K, dtype=dt, device=dev) - kd.transpose(-1, -2) @ w  # (Nc, H, K, K)
-    inject = kd.transpose(-1, -2) @ u  # (Nc, H, K, V)
+    eye = torch.eye(K, dtype=dt, device=dev)
+    # Tiles of chunks: no (chunks, H, C, C) tensor outgrows TILE_BYTES (fresh buffers past glibc's mmap threshold
+    # cost page faults on every call). split/cat keep the backward one gather and one scatter per input.
+    t = max(1, min(Nc, TILE_BYTES // max(1, H * C * C * torch.empty((), dtype=dt).element_size())))
+    tiles = list(zip(*(x.split(t) for x in (qc, kc, vc, bc, gc))))
+    firsts = [_intra_chunk(kt, vt, bt, gt, le, lt, eye) for _, kt, vt, bt, gt in tiles]
+    trans = torch.cat([f[3] for f in firsts]) if len(firsts) > 1 else firsts[0][3]  # (Nc, H, K, K)
+    inject = torch.cat([f[4] for f in firsts]) if len(firsts) > 1 else firsts[0][4]  # (Nc, H, K, V)
 
     N = cu.numel() - 1
     cur = initial_state.to(dt)[order] if initial_state is not None else q.new_zeros(N, H, K, V, dtype=dt)
@@ -115,9 +135,12 @@ def chunk_delta_rule_torch(
         cur = torch.cat([tr @ s_in + inj, cur[n:]])
     S_in = torch.cat(starts) if starts else q.new_zeros(0, H, K, V, dtype=dt)  # (Nc, H, K, V)
 
-    v_new = u - w @ S_in  # (Nc, H, C, V)
-    P = (qc @ kc.transpose(-1, -2)) * D
-    o = G.exp()[..., None] * (qc @ S_in) + P @ v_new  # (Nc, H, C, V)
+    outs = []
+    for (qt, kt, _, _, _), (G, D, (u, w), _, _), St in zip(tiles, firsts, S_in.split(t)):
+        v_new = u - w @ St  # (t, H, C, V)
+        P = (qt @ kt.transpose(-1, -2)) * D
+        outs.append(G.exp()[..., None] * (qt @ St) + P @ v_new)  # (t, H, C, V)
+    o = torch.cat(outs) if len(outs) > 1 else outs[0]  # (Nc, H, C, V)
 
     o = o.transpose(1, 2).reshape(Nc * C, H, V)
     slot = torch.empty(B * L + 1, dtype=torch.long, device=dev)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from zoo.kernels._dispatch import TILE_BYTES as _TILE_BYTES
+
 SUB_CHUNK = 16
 SAFE_SPAN = 30.0  # e^30 ~ 1e13: far from float32 overflow (3e38) and underflow (1e-38)
 
@@ -56,6 +58,23 @@ def _intra_per_key(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor) -> torch.T
     eye = torch.eye(ns, dtype=torch.bool, device=dev)[:, :, None, None]
     A = torch.where(eye, a_diag[..., :, None, :, :], a_off)
     return rearrange(A, "... a b i j -> ... (a i) (b j)")  # (..., C, C)
+
+
+TILE_BYTES = _TILE_BYTES  # the largest intra-chunk score tensor of one tile of chunks
+
+
+def _intra_outputs(q, k, v, G, scale: float) -> torch.Tensor:
+    """``(A * scale) @ v`` of every chunk, in tiles of chunks: q, k ``(B, H, N, C, K)``, v ``(B, H, N, C, V)``, G
+    ``(B, H, N, C[, K])``. No tile's scores (``(.., C, C)``, and the per-key sub-chunk path's ``(.., C, 16, K)``)
+    outgrow TILE_BYTES: fresh buffers past glibc's mmap threshold cost page faults on every call. split/cat keep
+    the backward one gather and one scatter per input."""
+    B, H, N, C, K = q.shape
+    per_key = G.dim() == 5
+    per_chunk = B * H * C * (C + (SUB_CHUNK * K if per_key else 0)) * q.element_size()
+    t = max(1, min(N, TILE_BYTES // per_chunk))
+    intra = _intra_per_key if per_key else _intra_scalar
+    outs = [(intra(qt, kt, Gt) * scale) @ vt for qt, kt, vt, Gt in zip(*(x.split(t, dim=2) for x in (q, k, v, G)))]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 class _InterChunk(torch.autograd.Function):
@@ -132,17 +151,15 @@ def gla_chunked(
     G = g.cumsum(3)  # chunk-local inclusive cumulative log-decay
     if g.dim() == 4:  # scalar decay per head
         Gl = G[..., -1]  # (B, H, N)
-        A = _intra_scalar(q, k, G)
         q_in = q * G.exp()[..., None]
         k_st = k * (Gl[..., None] - G).exp()[..., None]
         chunk_decay = Gl.exp()[..., None, None]  # (B, H, N, 1, 1)
     else:
         Gl = G[..., -1, :]  # (B, H, N, K)
-        A = _intra_per_key(q, k, G)
         q_in = q * G.exp()
         k_st = k * (Gl[..., None, :] - G).exp()
         chunk_decay = Gl.exp()[..., None]  # (B, H, N, K, 1)
-    o = (A * scale) @ v  # (B, H, N, C, V)
+    o = _intra_outputs(q, k, v, G, scale)  # (B, H, N, C, V)
     kv = k_st.transpose(-1, -2) @ v  # (B, H, N, K, V): each chunk's own contribution to the state
     S0 = initial_state.to(ct) if initial_state is not None else q.new_zeros(B, H, K, V)
     starts, S = inter_chunk_states(kv, chunk_decay, S0)  # (B, H, N, K, V), (B, H, K, V)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from zoo.kernels._dispatch import TILE_BYTES as _TILE_BYTES
+
 __all__ = ["fft_conv"]
 
 
@@ -42,13 +44,35 @@ def fft_conv(
     if D is not None and tuple(D.shape) != tuple(k.shape[:-1]):
         raise ValueError(f"fft_conv: D must have shape {tuple(k.shape[:-1])} (one skip weight per kernel); got {tuple(D.shape)}.")
     ct = torch.promote_types(torch.promote_types(u.dtype, k.dtype), torch.float32)
-    n = 2 * L
-    uf = torch.fft.rfft(u.to(ct), n=n)  # (B, H, L+1)
-    kf = torch.fft.rfft(k.to(ct), n=n)  # (H|C,H, L+1)
-    if k.dim() == 3:
-        uf = uf[:, None]  # (B, 1, H, L+1)
-    y = torch.fft.irfft(uf * kf, n=n)[..., :L]  # (B, [C,] H, L)
-    if D is not None:
-        uu = u.to(ct) if k.dim() == 2 else u.to(ct)[:, None]
-        y = y + D.to(ct)[..., None] * uu
+    # Channel tiles: every FFT intermediate (its backward's complex (rows, 2L) buffer the largest) stays under
+    # TILE_BYTES, so long sequences reuse heap memory instead of mapping fresh pages on every call. split/cat
+    # (not indexing) keep the backward one gather and one scatter, whatever the tile count.
+    rows = u.shape[0] * (k.shape[0] if k.dim() == 3 else 1)
+    per_channel = rows * 2 * L * 2 * torch.empty((), dtype=ct).element_size()
+    tile = max(1, min(H, TILE_BYTES // max(per_channel, 1)))
+    if tile >= H:
+        y = _fft_conv(u, k, D, ct)
+    else:
+        Ds = D.split(tile, dim=-1) if D is not None else [None] * -(-H // tile)
+        y = torch.cat([_fft_conv(ut, kt, Dt, ct) for ut, kt, Dt in zip(u.split(tile, dim=1), k.split(tile, dim=-2), Ds)],
+                      dim=-2)
     return y.to(u.dtype)
+
+
+TILE_BYTES = _TILE_BYTES  # the largest FFT buffer of one channel tile
+
+
+def _fft_conv(u: torch.Tensor, k: torch.Tensor, D: torch.Tensor | None, ct: torch.dtype) -> torch.Tensor:
+    """``irfft(rfft(u, 2L) * (rfft(k, 2L) + D))[:L]`` in ``ct``: u ``(B, h, L)``, k ``(h, Lk)`` or ``(C, h, Lk)``.
+
+    The skip ``D u`` is a tap at lag 0, whose spectrum is D at every frequency: added to the kernel's spectrum it
+    costs no full-size temporaries (forward or backward)."""
+    L = u.shape[-1]
+    n = 2 * L
+    uf = torch.fft.rfft(u.to(ct), n=n)  # (B, h, L+1)
+    kf = torch.fft.rfft(k.to(ct), n=n)  # (h|C,h, L+1)
+    if D is not None:
+        kf = kf + D.to(ct)[..., None]
+    if k.dim() == 3:
+        uf = uf[:, None]  # (B, 1, h, L+1)
+    return torch.fft.irfft(uf * kf, n=n)[..., :L]  # (B, [C,] h, L)

@@ -19,8 +19,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo.kernels._dispatch import TILE_BYTES as _TILE_BYTES
 from zoo.kernels.gla.chunked import inter_chunk_states
 from zoo.packing import from_padded_batch, packed_index, to_padded_batch
+
+TILE_BYTES = _TILE_BYTES  # the largest (b, chunks, h, c, c) intra-chunk tensor of one tile of chunks
+
+
+def _intra(Gh, Cg, Bg, vt, tri, g: int, hg: int) -> torch.Tensor:
+    """Intra-chunk outputs of a tile of chunks: Gh ``(b, t, h, c)``, Cg/Bg ``(b, t, g, c, n)``, vt ``(b, t, h, c, p)``."""
+    b, t, h, c = Gh.shape
+    decay = (Gh[..., :, None] - Gh[..., None, :]).masked_fill_(~tri, float("-inf")).exp_()  # (b, t, h, c, c)
+    M = decay.view(b, t, g, hg, c, c) * (Cg @ Bg.transpose(-1, -2))[:, :, :, None]
+    return M.view(b, t, h, c, c) @ vt  # (b, t, h, c, p)
 
 
 def ssd_chunked(
@@ -64,12 +75,16 @@ def ssd_chunked(
         v = xc * dtc[..., None]  # (b, nc, c, h, p)
         Bg, Cg = Bc.transpose(2, 3), Cc.transpose(2, 3)  # (b, nc, g, c, n)
 
-        # Intra-chunk: (C B^T per group) * (decay per head), masked before exp.
+        # Intra-chunk: (C B^T per group) * (decay per head), masked before exp; in tiles of chunks so that no
+        # (b, chunks, h, c, c) tensor outgrows TILE_BYTES (fresh buffers past glibc's mmap threshold cost page
+        # faults on every call). split/cat keep the backward one gather and one scatter per input.
         Gh = G.transpose(2, 3)  # (b, nc, h, c)
         tri = torch.ones(c, c, dtype=torch.bool, device=x.device).tril()
-        decay = (Gh[..., :, None] - Gh[..., None, :]).masked_fill_(~tri, float("-inf")).exp_()  # (b, nc, h, c, c)
-        M = decay.view(b, nc, g, hg, c, c) * (Cg @ Bg.transpose(-1, -2))[:, :, :, None]
-        y = M.view(b, nc, h, c, c) @ v.transpose(2, 3)  # (b, nc, h, c, p)
+        per_chunk = b * h * c * c * torch.empty((), dtype=ct).element_size()
+        t = max(1, min(nc, TILE_BYTES // per_chunk))
+        vt = v.transpose(2, 3)  # (b, nc, h, c, p)
+        parts = [_intra(*ts, tri, g, hg) for ts in zip(*(z.split(t, dim=1) for z in (Gh, Cg, Bg, vt)))]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (b, nc, h, c, p)
 
         # Each chunk's own contribution to the state, heads of a group side by side: (b, nc, g, n, hg * p).
         W = (v * (Gl[:, :, None] - G).exp()[..., None]).view(b, nc, c, g, hg * p).transpose(2, 3)

@@ -509,7 +509,11 @@ def main(argv: list[str] | None = None) -> list[list]:
             "lucidrains' LMs (their GELU MLP of 4 d per layer, matched by the '+gelu' zoo rows; GateLoop's has no "
             "cache, so no decode), fresh weights, at matched sizes"
             + (f"; not installed here, so not compared: {', '.join(missing)}" if missing else "")
-            + "; flash-linear-attention: no peer wired yet"
+            + "; decode floor = the GEMVs alone, one per weight matrix per token (what batch-1 decoding must read; "
+            "memory-bound on a CPU), decode x bound = floor / peer decode, the most any implementation could reach"
+            + ("; flash-linear-attention: no row on CPU (its models and ops run Triton kernels, which need a GPU "
+               "driver; scripts/bench_gpu.py compares the kernels with FLA on CUDA)" if device.type == "cpu" else
+               "; flash-linear-attention: kernels compared in scripts/bench_gpu.py, not here")
             + (f"; plot of training-step time vs L: {args.plot}" if args.plot else "") + "."
         ),
     )

@@ -1,6 +1,6 @@
 """S4's Vandermonde and Cauchy products work in blocks / tiles with no ``(H, N, L)`` tensor (zoo bench scaling).
 
-Exactness: the blocked Vandermonde products equal the direct formulas in float64 (values and gradients; lengths
+Exactness: the blocked Vandermonde products (and DPLR's blocked dense power sum) equal the direct formulas in float64 (values and gradients; lengths
 that are not a multiple of the block, offsets, batch rows, one channel per tile), and the tiled mixer (one node
 per Cauchy tile, one channel per Vandermonde tile) equals the token-by-token recurrence with a carried state.
 Structure: no op output during forward + backward of the kernel, or of a scan with a state carried in and out,
@@ -14,12 +14,11 @@ import math
 
 import pytest
 import torch
+from test_kernel_tiles import _LargestBuffer
 
 import zoo.mixers.s4 as s4_mod
 from zoo.kernels._dispatch import TILE_BYTES as BUDGET
 from zoo.mixers.s4 import S4
-
-from test_kernel_tiles import _LargestBuffer
 
 F64 = torch.float64
 
@@ -87,6 +86,35 @@ def test_blocked_transposed_vandermonde_equals_the_direct_formula(monkeypatch, t
     loss = lambda t: (torch.view_as_real(t) * torch.view_as_real(seed)).sum()  # noqa: E731
     for g, g_ref in zip(torch.autograd.grad(loss(y), ins), torch.autograd.grad(loss(ref), ins)):
         assert _rel(g, g_ref) < 1e-11
+
+
+@pytest.mark.parametrize("tiles", ["default", "one_channel"])
+@pytest.mark.parametrize("batch", [(), (2,)])
+@pytest.mark.parametrize("L", [1, 7, 23, 64])
+def test_blocked_dense_power_sum_equals_the_direct_sum(monkeypatch, tiles, batch, L):
+    """DPLR final state: sum_l dA^l v u_l (23: 3 blocks of 8, an odd count, the last one partly past L)."""
+    if tiles == "one_channel":
+        monkeypatch.setattr(s4_mod, "TILE_BYTES", 1)
+    torch.manual_seed(2)
+    Hc, N = 3, 4
+    C128 = torch.complex128
+    dA = (0.3 * torch.randn(Hc, N, N, dtype=C128) + 0.5 * torch.eye(N, dtype=C128)).requires_grad_()
+    v = torch.randn(Hc, N, dtype=C128, requires_grad=True)
+    u = torch.randn(*batch, Hc, L, dtype=F64, requires_grad=True)
+    ins = [dA, v, u]
+    y = S4._power_sum(dA, v, u)
+    x, terms = v, []
+    for _ in range(L):
+        terms.append(x)
+        x = (dA @ x[..., None])[..., 0]
+    ref = (torch.stack(terms, -1) * u[..., None, :]).sum(-1)  # (..., Hc, N)
+    assert y.shape == ref.shape == (*batch, Hc, N)
+    assert _rel(y, ref) < 1e-12
+    seed = torch.randn_like(ref)
+    loss = lambda t: (torch.view_as_real(t) * torch.view_as_real(seed)).sum()  # noqa: E731
+    g_all = torch.autograd.grad(loss(y), ins, allow_unused=True)  # L=1: dA^0 does not depend on dA
+    for g, g_ref in zip(g_all, torch.autograd.grad(loss(ref), ins, allow_unused=True)):
+        assert (g is None and g_ref is None) or _rel(g, g_ref) < 1e-11
 
 
 @pytest.mark.parametrize("mode", ["s4d", "dplr"])

@@ -307,6 +307,43 @@ class S4(RecurrentMixer):
         out = torch.cat(outs) if len(outs) > 1 else outs[0]  # (Hc, Bt, N2)
         return out.transpose(0, 1).reshape(*batch, Hc, N2)
 
+    @staticmethod
+    def _power_sum(dA: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``sum_l dA^l v u_l``: dA ``(Hc, N, N)``, v ``(Hc, N)``, real u ``(..., Hc, L)`` -> ``(..., Hc, N)`` (DPLR).
+
+        Blocked as :meth:`_vandermonde_t` with a dense transition: position ``l = b T + j`` (T the power of two at
+        or above sqrt(L)); the in-block powers ``dA^j v`` (j < T, by doubling) times each block's inputs give one
+        vector per block, which a tree of ``log2(blocks)`` steps combines with ``dA^T, dA^2T, ...``. Channels go
+        in tiles whose intermediates stay within ``TILE_BYTES``; no ``(Hc, N, L)`` tensor.
+        """
+        *batch, Hc, L = u.shape
+        N = v.shape[-1]
+        Bt = math.prod(batch)
+        if L == 0:
+            return v.new_zeros(*batch, Hc, N)
+        T = 1 << (_block_len(L) - 1).bit_length()  # power of two >= ceil(sqrt(L))
+        nb = -(-L // T)
+        U = F.pad(u.to(dA.real.dtype).reshape(Bt, Hc, L), (0, nb * T - L)).reshape(Bt, Hc, nb, T)
+        U = U.permute(1, 3, 0, 2)  # (Hc, T, Bt, nb)
+        outs = []
+        for hs in _head_tiles(Hc, dA.element_size() * max(N * T, T * Bt * nb, N * Bt * nb, N * N)):
+            Ak, P = dA[hs], v[hs, :, None]  # P[..., j] = dA^j v
+            h = P.shape[0]
+            while P.shape[-1] < T:
+                P = torch.cat([P, Ak @ P], dim=-1)
+                Ak = Ak @ Ak
+            # now Ak = dA^T
+            S = (P @ U[hs].reshape(h, T, Bt * nb).to(P.dtype)).reshape(h, N, Bt, nb)  # block sums
+            while S.shape[-1] > 1:  # sum_b Ak^b S_b: pair (S_2i + Ak S_2i+1), then Ak^2
+                if S.shape[-1] % 2:
+                    S = torch.cat([S, S.new_zeros(h, N, Bt, 1)], dim=-1)
+                odd = S[..., 1::2]
+                S = S[..., 0::2] + (Ak @ odd.reshape(h, N, -1)).reshape(odd.shape)
+                Ak = Ak @ Ak
+            outs.append(S[..., 0])  # (h, N, Bt)
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]  # (Hc, N, Bt)
+        return out.permute(2, 0, 1).reshape(*batch, Hc, N)
+
     # ----- carried-in state -------------------------------------------------------------------
     def _state_output(self, x0: torch.Tensor, L: int) -> torch.Tensor:
         """``2 Re(C A_bar^(l+1) x0)`` for l < L: x0 ``(B, H, N2)`` complex -> ``(B, H, L)``."""
@@ -322,7 +359,6 @@ class S4(RecurrentMixer):
 
     def _final_state(self, x0: torch.Tensor | None, u: torch.Tensor, n_real: torch.Tensor) -> torch.Tensor:
         """State after u ``(B, H, L)`` (zeros at left pads) from x0 ``(B, H, N2)``; ``n_real (B,)`` real tokens."""
-        L = u.shape[-1]
         dt, A, B, _, _ = self._params()
         # the input seen j steps ago is u[..., L-1-j]
         if self.mode == "s4d":
@@ -332,13 +368,8 @@ class S4(RecurrentMixer):
                 x = x + torch.exp(dtA * n_real[:, None, None].to(dt.dtype)) * x0
             return x
         N2 = A.shape[-1]
-        _, dA, Bf, _ = self._dense()
-        eye = torch.eye(2 * N2, dtype=dA.dtype, device=dA.device)
-        rows = (eye - torch.linalg.matrix_power(dA, L))[:, :N2, :]  # (H, N2, N): C~ for the state components
-        # x = sum_l u[L-1-l] seq_l with seq = (A_bar^l B_bar)[top] = ifft(G) (G: its generating function at the
-        # roots of unity), so x = (1/L) sum_k G_k conj(fft(u flipped))_k, in tiles of nodes: no (H, N2, L) sequence
-        Uf = torch.fft.fft(u.flip(-1).to(dt.dtype), dim=-1).conj() / L  # (B, H, L)
-        x = sum(torch.einsum("bhk,hnk->bhn", Uf[..., sl], G) for sl, G in self._cauchy_tiles(rows, dt[:, None] * Bf, L, real=False))
+        _, dA, _, dB = self._dense()
+        x = self._power_sum(dA, dB, u.flip(-1))[..., :N2]  # sum_l (A_bar^l B_bar)[top] u[L-1-l]
         if x0 is not None:
             x0f = torch.cat([x0, x0.conj()], dim=-1)
             for n in n_real.unique().tolist():  # A_bar^n x0 for each distinct count of real tokens

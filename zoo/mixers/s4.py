@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.kernels import fft_conv
+from zoo.kernels._dispatch import TILE_BYTES  # module copy: tests lower it to force many tiles
 from zoo.mixers.base import RecurrentMixer, State
 from zoo.parallel import sequence as sp
 from zoo.registry import register_mixer
@@ -65,6 +66,41 @@ def _hippo_legs_nplr_cpu(N: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 def _complex_of(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
+def _block_len(L: int) -> int:
+    """Block length of the blocked Vandermonde products: ``ceil(sqrt(L))`` (at least 1)."""
+    return math.isqrt(L - 1) + 1 if L > 1 else 1
+
+
+def _block_powers(dtA: torch.Tensor, T: int, nb: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Powers of ``exp(dtA)`` (h, N2) for a blocked Vandermonde product over positions ``offset + b T + j``.
+
+    Returns ``E = exp(dtA (offset + b T))`` complex ``(h, nb, N2)`` for each block start and the real-split
+    in-block powers ``V = [Re; Im] exp(dtA j)`` ``(h, 2 N2, T)`` for ``j < T``. ``Re(dtA) < 0``: every factor has
+    modulus at most 1. Real exp/cos/sin (several times faster than a complex exp on CPU).
+    """
+    rt = dtA.real.dtype
+    starts = offset + T * torch.arange(nb, device=dtA.device, dtype=rt)  # (nb,)
+    mag, ang = torch.exp(dtA.real[:, None, :] * starts[:, None]), dtA.imag[:, None, :] * starts[:, None]
+    E = torch.complex(mag * torch.cos(ang), mag * torch.sin(ang))
+    j = torch.arange(T, device=dtA.device, dtype=rt)
+    mag, ang = torch.exp(dtA.real[..., None] * j), dtA.imag[..., None] * j
+    return E, torch.cat([mag * torch.cos(ang), mag * torch.sin(ang)], dim=-2)
+
+
+def _head_tiles(Hc: int, per_head_bytes: int) -> list[slice]:
+    """Slices of the Hc channels such that a tile's intermediates stay within ``TILE_BYTES``."""
+    step = max(1, TILE_BYTES // max(1, per_head_bytes))
+    return [slice(h, min(Hc, h + step)) for h in range(0, Hc, step)]
+
+
+def _head_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a (..., Hc, M, N) @ b (Hc, N, K) -> (..., Hc, M, K)`` as one bmm over Hc (b is not expanded over the batch)."""
+    *batch, Hc, M, N = a.shape
+    Bt = math.prod(batch)
+    a3 = a.reshape(Bt, Hc, M, N).transpose(0, 1).reshape(Hc, Bt * M, N)
+    return (a3 @ b).reshape(Hc, Bt, M, b.shape[-1]).transpose(0, 1).reshape(*batch, Hc, M, b.shape[-1])
 
 
 @register_mixer("s4")
@@ -169,25 +205,42 @@ class S4(RecurrentMixer):
         dB = torch.linalg.solve(eye - half, (dt[:, None] * Bf)[..., None])[..., 0]
         return A, dA, Bf, dB
 
-    def _cauchy(self, Ct: torch.Tensor, w: torch.Tensor, L: int, *, real: bool) -> torch.Tensor:
-        """``C A_bar^l v`` for l < L (DPLR, bilinear) from ``Ct = C (I - A_bar^L)`` and ``w = (I - dt/2 A) v``.
+    def _cauchy_tiles(self, Ct: torch.Tensor, w: torch.Tensor, L: int, *, real: bool):
+        """The generating function ``Ct M(z)^-1 w`` at the L-th roots of unity, in tiles of nodes.
 
-        Ct ``(..., Hc, M, N)``, w ``(..., Hc, N)`` -> ``(..., Hc, M, L)``. At the L-th roots of unity z the
-        generating function is ``Ct M(z)^-1 w`` with ``M(z) = (1-z) I - dt/2 (1+z) A``, a diagonal plus rank one
-        whose inverse the Woodbury identity gives from four Cauchy sums; an inverse FFT returns the sequence.
-        ``real=True`` (conjugate-symmetric Ct and w, so a real sequence) evaluates only L/2+1 nodes and uses irfft.
+        Ct ``(..., Hc, M, N)``, w ``(..., Hc, N)``; yields ``(nodes slice, (..., Hc, M, tile))``. At a node z,
+        ``M(z) = (1-z) I - dt/2 (1+z) A`` is a diagonal plus rank one whose inverse the Woodbury identity gives
+        from four Cauchy sums. Tiles of nodes keep the ``(Hc, N, nodes)`` Cauchy matrix within ``TILE_BYTES``.
+        ``real=True`` evaluates only the L/2+1 nodes an irfft needs.
         """
         dt, lam, _, _, P = self._params()
         Lf, Pf = (torch.cat([v, v.conj()], dim=-1) for v in (lam, P))  # (Hc, N)
-        nodes = torch.arange(L // 2 + 1 if real else L, device=dt.device, dtype=dt.dtype)
-        z = torch.exp(-2j * math.pi * nodes / L).to(Lf.dtype)  # roots of unity
-        s = dt[:, None] / 2 * (1 + z)  # (Hc, L)
-        inv = 1 / ((1 - z) - s[:, None, :] * Lf[:, :, None])  # (Hc, N, L); Re(lam) < 0 keeps it finite
-        k_cw = torch.einsum("...hmn,...hn,hnl->...hml", Ct, w, inv)
-        k_cp = torch.einsum("...hmn,hn,hnl->...hml", Ct, Pf, inv)
-        k_pw = torch.einsum("hn,...hn,hnl->...hl", Pf.conj(), w, inv)[..., None, :]
-        k_pp = torch.einsum("hn,hn,hnl->hl", Pf.conj(), Pf, inv)[:, None, :]
-        T = k_cw - s[:, None, :] * k_cp * k_pw / (1 + s[:, None, :] * k_pp)  # (..., Hc, M, nodes)
+        Hc, N = Lf.shape
+        M = Ct.shape[-2]
+        Bt = max(Ct[..., 0, 0].numel(), w[..., 0].numel()) // Hc  # batch rows
+        n_nodes = L // 2 + 1 if real else L
+        per_node = Lf.element_size() * Hc * max(N, Bt * M)
+        step = max(1, TILE_BYTES // per_node)
+        cw, cp = Ct * w[..., None, :], Ct * Pf[:, None, :]  # (..., Hc, M, N)
+        pw, pp = (Pf.conj() * w)[..., None, :], (Pf.conj() * Pf)[:, None, :]  # (..., Hc, 1, N), (Hc, 1, N)
+        for k0 in range(0, n_nodes, step):
+            nodes = torch.arange(k0, min(n_nodes, k0 + step), device=dt.device, dtype=dt.dtype)
+            z = torch.exp(-2j * math.pi * nodes / L).to(Lf.dtype)  # roots of unity
+            s = dt[:, None] / 2 * (1 + z)  # (Hc, tile)
+            inv = 1 / ((1 - z) - s[:, None, :] * Lf[:, :, None])  # (Hc, N, tile); Re(lam) < 0 keeps it finite
+            k_cw, k_cp, k_pw = _head_mm(cw, inv), _head_mm(cp, inv), _head_mm(pw, inv)
+            k_pp = pp @ inv  # (Hc, 1, tile)
+            s = s[:, None, :]
+            yield slice(k0, k0 + nodes.numel()), k_cw - s * k_cp * k_pw / (1 + s * k_pp)
+
+    def _cauchy(self, Ct: torch.Tensor, w: torch.Tensor, L: int, *, real: bool) -> torch.Tensor:
+        """``C A_bar^l v`` for l < L (DPLR, bilinear) from ``Ct = C (I - A_bar^L)`` and ``w = (I - dt/2 A) v``.
+
+        Ct ``(..., Hc, M, N)``, w ``(..., Hc, N)`` -> ``(..., Hc, M, L)``: the generating function at the roots
+        of unity (:meth:`_cauchy_tiles`), then an inverse FFT. ``real=True`` (conjugate-symmetric Ct and w, so a
+        real sequence) evaluates only L/2+1 nodes and uses irfft.
+        """
+        T = torch.cat([t for _, t in self._cauchy_tiles(Ct, w, L, real=real)], dim=-1)  # (..., Hc, M, nodes)
         return torch.fft.irfft(T, n=L, dim=-1) if real else torch.fft.ifft(T, n=L, dim=-1)
 
     def kernel(self, L: int) -> torch.Tensor:
@@ -212,20 +265,84 @@ class S4(RecurrentMixer):
         return self._cauchy(Ct, dt[:, None] * Bf, L, real=True)[:, 0]
 
     @staticmethod
-    def _powers(dtA: torch.Tensor, L: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Real and imaginary parts of ``exp(dtA (l + offset))`` for l < L, each ``(Hc, N2, L)``.
+    def _vandermonde(coef: torch.Tensor, dtA: torch.Tensor, L: int, offset: int) -> torch.Tensor:
+        """``Re sum_n coef_n exp(dtA_n (l + offset))`` for l < L: coef ``(..., Hc, N2)`` -> ``(..., Hc, L)``.
 
-        Built from real exp/cos/sin, which are several times faster than a complex exp on CPU.
+        Blocked, with no ``(Hc, N2, L)`` tensor: position ``l = b T + j`` (T ~ sqrt(L)) splits the power into
+        ``exp(dtA (offset + b T))``, folded into the coefficients of block b, times ``exp(dtA j)``, so each channel
+        is one real matmul ``[Re W, -Im W] (rows * blocks, 2 N2) @ [Re V; Im V] (2 N2, T)``; channels go in
+        tiles whose intermediates stay within ``TILE_BYTES``.
         """
-        pos = torch.arange(offset, offset + L, device=dtA.device, dtype=dtA.real.dtype)
-        mag = torch.exp(dtA.real[..., None] * pos)
-        ang = dtA.imag[..., None] * pos
-        return mag * torch.cos(ang), mag * torch.sin(ang)
+        *batch, Hc, N2 = coef.shape
+        Bt = math.prod(batch)
+        T = _block_len(L)
+        nb = -(-L // T)
+        c = coef.reshape(Bt, Hc, N2).transpose(0, 1)  # (Hc, Bt, N2)
+        outs = []
+        for hs in _head_tiles(Hc, dtA.real.element_size() * max(Bt * nb * 2 * N2, 2 * N2 * T, Bt * nb * T)):
+            E, V = _block_powers(dtA[hs], T, nb, offset)  # (h, nb, N2), (h, 2 N2, T)
+            W = c[hs, :, None, :] * E[:, None]  # (h, Bt, nb, N2): coef_n exp(dtA_n (offset + b T))
+            h = W.shape[0]
+            W = torch.cat([W.real, -W.imag], dim=-1).reshape(h, Bt * nb, 2 * N2)
+            outs.append((W @ V).reshape(h, Bt, nb * T)[..., :L])
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]  # (Hc, Bt, L)
+        return out.transpose(0, 1).reshape(*batch, Hc, L)
 
-    def _vandermonde(self, coef: torch.Tensor, dtA: torch.Tensor, L: int, offset: int) -> torch.Tensor:
-        """``Re sum_n coef_n exp(dtA_n (l + offset))`` for l < L: coef ``(..., Hc, N2)`` -> ``(..., Hc, L)``."""
-        Vr, Vi = self._powers(dtA, L, offset)
-        return torch.einsum("...hn,hnl->...hl", coef.real, Vr) - torch.einsum("...hn,hnl->...hl", coef.imag, Vi)
+    @staticmethod
+    def _vandermonde_t(u: torch.Tensor, dtA: torch.Tensor) -> torch.Tensor:
+        """``sum_l u_l exp(dtA_n l)``: real u ``(..., Hc, L)`` -> complex ``(..., Hc, N2)``, blocked as :meth:`_vandermonde`."""
+        *batch, Hc, L = u.shape
+        N2 = dtA.shape[-1]
+        Bt = math.prod(batch)
+        T = _block_len(L)
+        nb = -(-L // T)
+        U = F.pad(u.to(dtA.real.dtype).reshape(Bt, Hc, L), (0, nb * T - L)).transpose(0, 1)  # (Hc, Bt, nb T)
+        outs = []
+        for hs in _head_tiles(Hc, dtA.real.element_size() * max(Bt * nb * 2 * N2, 2 * N2 * T, Bt * nb * T)):
+            E, V = _block_powers(dtA[hs], T, nb, 0)
+            h = E.shape[0]
+            S = (U[hs].reshape(h, Bt * nb, T) @ V.transpose(-1, -2)).reshape(h, Bt, nb, 2 * N2)
+            P = torch.complex(S[..., :N2], S[..., N2:])  # sum_j u_(bT+j) exp(dtA j) per block
+            outs.append((P * E[:, None]).sum(-2))  # (h, Bt, N2)
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]  # (Hc, Bt, N2)
+        return out.transpose(0, 1).reshape(*batch, Hc, N2)
+
+    @staticmethod
+    def _power_sum(dA: torch.Tensor, v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``sum_l dA^l v u_l``: dA ``(Hc, N, N)``, v ``(Hc, N)``, real u ``(..., Hc, L)`` -> ``(..., Hc, N)`` (DPLR).
+
+        Blocked as :meth:`_vandermonde_t` with a dense transition: position ``l = b T + j`` (T the power of two at
+        or above sqrt(L)); the in-block powers ``dA^j v`` (j < T, by doubling) times each block's inputs give one
+        vector per block, which a tree of ``log2(blocks)`` steps combines with ``dA^T, dA^2T, ...``. Channels go
+        in tiles whose intermediates stay within ``TILE_BYTES``; no ``(Hc, N, L)`` tensor.
+        """
+        *batch, Hc, L = u.shape
+        N = v.shape[-1]
+        Bt = math.prod(batch)
+        if L == 0:
+            return v.new_zeros(*batch, Hc, N)
+        T = 1 << (_block_len(L) - 1).bit_length()  # power of two >= ceil(sqrt(L))
+        nb = -(-L // T)
+        U = F.pad(u.to(dA.real.dtype).reshape(Bt, Hc, L), (0, nb * T - L)).reshape(Bt, Hc, nb, T)
+        U = U.permute(1, 3, 0, 2)  # (Hc, T, Bt, nb)
+        outs = []
+        for hs in _head_tiles(Hc, dA.element_size() * max(N * T, T * Bt * nb, N * Bt * nb, N * N)):
+            Ak, P = dA[hs], v[hs, :, None]  # P[..., j] = dA^j v
+            h = P.shape[0]
+            while P.shape[-1] < T:
+                P = torch.cat([P, Ak @ P], dim=-1)
+                Ak = Ak @ Ak
+            # now Ak = dA^T
+            S = (P @ U[hs].reshape(h, T, Bt * nb).to(P.dtype)).reshape(h, N, Bt, nb)  # block sums
+            while S.shape[-1] > 1:  # sum_b Ak^b S_b: pair (S_2i + Ak S_2i+1), then Ak^2
+                if S.shape[-1] % 2:
+                    S = torch.cat([S, S.new_zeros(h, N, Bt, 1)], dim=-1)
+                odd = S[..., 1::2]
+                S = S[..., 0::2] + (Ak @ odd.reshape(h, N, -1)).reshape(odd.shape)
+                Ak = Ak @ Ak
+            outs.append(S[..., 0])  # (h, N, Bt)
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]  # (Hc, N, Bt)
+        return out.permute(2, 0, 1).reshape(*batch, Hc, N)
 
     # ----- carried-in state -------------------------------------------------------------------
     def _state_output(self, x0: torch.Tensor, L: int) -> torch.Tensor:
@@ -242,21 +359,17 @@ class S4(RecurrentMixer):
 
     def _final_state(self, x0: torch.Tensor | None, u: torch.Tensor, n_real: torch.Tensor) -> torch.Tensor:
         """State after u ``(B, H, L)`` (zeros at left pads) from x0 ``(B, H, N2)``; ``n_real (B,)`` real tokens."""
-        L = u.shape[-1]
         dt, A, B, _, _ = self._params()
-        ufl = u.flip(-1).to(A.dtype)  # ufl[..., j] = u[L-1-j]: the input seen j steps ago
+        # the input seen j steps ago is u[..., L-1-j]
         if self.mode == "s4d":
             dtA = dt[:, None] * A
-            x = torch.einsum("bhl,hnl->bhn", ufl, torch.complex(*self._powers(dtA, L, 0))) * (B * torch.expm1(dtA) / A)
+            x = self._vandermonde_t(u.flip(-1), dtA) * (B * torch.expm1(dtA) / A)
             if x0 is not None:
                 x = x + torch.exp(dtA * n_real[:, None, None].to(dt.dtype)) * x0
             return x
         N2 = A.shape[-1]
-        _, dA, Bf, _ = self._dense()
-        eye = torch.eye(2 * N2, dtype=dA.dtype, device=dA.device)
-        rows = (eye - torch.linalg.matrix_power(dA, L))[:, :N2, :]  # (H, N2, N): C~ for the state components
-        seq = self._cauchy(rows, dt[:, None] * Bf, L, real=False)  # (H, N2, L): (A_bar^l B_bar)[top]
-        x = torch.einsum("bhl,hnl->bhn", ufl, seq)
+        _, dA, _, dB = self._dense()
+        x = self._power_sum(dA, dB, u.flip(-1))[..., :N2]  # sum_l (A_bar^l B_bar)[top] u[L-1-l]
         if x0 is not None:
             x0f = torch.cat([x0, x0.conj()], dim=-1)
             for n in n_real.unique().tolist():  # A_bar^n x0 for each distinct count of real tokens
@@ -416,8 +529,7 @@ class S4(RecurrentMixer):
             finals, terms = [], []
             for i, (a, b) in enumerate(segs):
                 ui, n = u[..., a:b], b - a
-                V = torch.complex(*self._powers(dtA, n, 0))  # (H, N2, n)
-                final = torch.einsum("bhl,hnl->bhn", ui.to(V.dtype) if reverse else ui.flip(-1).to(V.dtype), V) * dB
+                final = self._vandermonde_t(ui if reverse else ui.flip(-1), dtA) * dB
                 term = u.new_zeros(u.shape[0], u.shape[1], n)
                 if init is not None:
                     x0 = seg_rows(init, i)

@@ -170,3 +170,51 @@ def test_chunk_gla_in_many_tiles_matches_the_recurrence(monkeypatch, gate):
     grads = torch.autograd.grad((o * seed).sum() + (s * seed_s).sum(), ins)
     for gr, g_ref in zip(grads, torch.autograd.grad((o_ref * seed).sum() + (s_ref * seed_s).sum(), ins)):
         assert _rel(gr, g_ref) < 1e-10
+
+
+def test_causal_conv1d_keeps_only_its_output_and_input_gradient_full_size(monkeypatch):
+    import zoo.kernels.conv as conv
+    from zoo.kernels import causal_conv1d
+
+    monkeypatch.setattr(conv, "TILE_BYTES", 1 << 20, raising=False)  # 1 MiB tiles of a 4 MiB input
+    torch.manual_seed(0)
+    x, w, b = torch.randn(1, 64, 16384, requires_grad=True), torch.randn(64, 4, requires_grad=True), torch.randn(64)
+
+    class _Big(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            seen = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
+            self.n += sum(isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen
+                          and t.untyped_storage().nbytes() > 1 << 20 for t in tree_leaves(out))  # fresh buffers only
+            return out
+
+    with _Big() as big:
+        out = causal_conv1d(x, w, b, "silu", backend="torch")
+        torch.autograd.grad(out.sum(), [x, w])
+    # the output and x's gradient; untiled, the padded input, the pre-activation and their gradients were full size too
+    assert big.n == 2, big.n
+
+
+@pytest.mark.parametrize("state", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_causal_conv1d_in_many_tiles_matches_the_reference(monkeypatch, state, packed):
+    import zoo.kernels.conv as conv
+    from zoo.kernels import causal_conv1d
+    from zoo.kernels.conv.reference import causal_conv1d_ref
+
+    monkeypatch.setattr(conv, "TILE_BYTES", 1)  # one channel per tile
+    torch.manual_seed(0)
+    f64 = dict(dtype=torch.float64)
+    B, E, L, W = (1, 5, 23, 4) if packed else (2, 5, 17, 3)
+    x, w, b = torch.randn(B, E, L, **f64), torch.randn(E, W, **f64), torch.randn(E, **f64)
+    h0 = torch.randn(B, E, W - 1, **f64) if state and not packed else None
+    cu = torch.tensor([0, 7, 23]) if packed else None
+    ins = [t.requires_grad_() for t in (x, w, b) + ((h0,) if h0 is not None else ())]
+    kw = dict(initial_states=h0, cu_seqlens=cu)
+    y, ref = causal_conv1d(x, w, b, "silu", backend="torch", **kw), causal_conv1d_ref(x, w, b, "silu", **kw)
+    assert _rel(y, ref) < 1e-12
+    seed = torch.randn_like(ref)
+    for g, g_ref in zip(_grads(y, ins, seed), _grads(ref, ins, seed)):
+        assert _rel(g, g_ref) < 1e-12

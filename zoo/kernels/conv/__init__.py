@@ -6,12 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from zoo.kernels._dispatch import CUDA_PACKAGES, resolve_backend
+from zoo.kernels._dispatch import TILE_BYTES as _TILE_BYTES
 from zoo.packing import seq_index, validate_cu_seqlens
 from zoo.parallel import sequence
 
 __all__ = ["causal_conv1d", "causal_conv1d_update"]
 
 _ACTIVATIONS = (None, "silu", "swish")
+TILE_BYTES = _TILE_BYTES  # the torch path's per-tile (channels) budget for its padded input, pre-activation, grads
 
 
 def _check_weight(weight: torch.Tensor, E: int, bias: torch.Tensor | None, activation: str | None, op: str) -> None:
@@ -26,6 +28,21 @@ def _check_weight(weight: torch.Tensor, E: int, bias: torch.Tensor | None, activ
 
 
 def _conv_torch(x, weight, bias, silu, initial_states, pos):
+    """In tiles of channels under ``TILE_BYTES``: the padded input, the pre-activation and their gradients (each the
+    size of x) exist for one tile at a time, and only the output and x's gradient are full size (fresh buffers past
+    glibc's mmap threshold page-fault on every call, a per-token cost that grew with L)."""
+    E = x.shape[1]
+    per_channel = x.shape[0] * (x.shape[-1] + weight.shape[1]) * x.element_size()
+    t = max(1, TILE_BYTES // max(per_channel, 1))
+    if t >= E:
+        return _conv_tile(x, weight, bias, silu, initial_states, pos)
+    split = lambda v, dim: [None] * -(-E // t) if v is None else v.split(t, dim)  # noqa: E731
+    parts = [_conv_tile(*a, silu, s0, pos) for a, s0 in zip(zip(x.split(t, 1), weight.split(t, 0), split(bias, 0)),
+                                                          split(initial_states, 1))]
+    return torch.cat(parts, 1)
+
+
+def _conv_tile(x, weight, bias, silu, initial_states, pos):
     W = weight.shape[1]
     if initial_states is None:
         xf = F.pad(x, (W - 1, 0))  # (B, E, W-1+L)

@@ -48,6 +48,16 @@ def _bmm_into(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor) -> torch.Tens
     return out
 
 
+def _dot_n_into(hs: torch.Tensor, c: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out[m, e] = sum_n hs[m, e, n] c[m, n]`` for ``hs (M, Eg, N)``, ``c (M, N)``, written into ``out`` (any view of
+    M * Eg elements). A multiply and a sum over the small N: twice as fast on CPU as the batched matrix-vector
+    ``bmm(hs, c[..., None])``, whose one-column products MKL runs slowly."""
+    if torch.compiler.is_compiling():
+        return out.copy_((hs * c[:, None, :]).sum(-1).view(out.shape))
+    torch.sum(hs * c[:, None, :], -1, out=out.view(hs.shape[0], hs.shape[1]))
+    return out
+
+
 def _chunk_states(x, dt, A, Bm, keep, h, a, hs):
     """Decays ``a`` and states ``hs`` of one chunk, both ``(T, B, G, Eg, N)``, written into the given buffers.
 
@@ -80,7 +90,7 @@ class _ChunkedScan(torch.autograd.Function):
             T = min(chunk, L - c0)
             starts[i] = h
             _, hs = _chunk_states(x[sl], dt[sl], A, Bm[sl], None if keep is None else keep[sl], h, a_buf[:T], hs_buf[:T])
-            _bmm_into(hs.view(-1, Eg, N), Cm[sl].reshape(-1, N, 1), y[sl])
+            _dot_n_into(hs.view(-1, Eg, N), Cm[sl].reshape(-1, N), y[sl])
             h = hs[-1].clone()  # not a view of the reused buffer
         ctx.save_for_backward(x, dt, A, Bm, Cm, keep, starts)
         ctx.chunk = chunk
@@ -117,7 +127,7 @@ class _ChunkedScan(torch.autograd.Function):
             a[0].mul_(starts[i])
             gq = a.mul_(g)
             _bmm_into((dtc * xc).reshape(M, 1, Eg), g.view(M, Eg, N), gB[sl])
-            gBsum = torch.bmm(g.view(M, Eg, N), Bc.reshape(M, N, 1)).view(T, Bsz, G, Eg)  # sum_n g B
+            gBsum = _dot_n_into(g.view(M, Eg, N), Bc.reshape(M, N), torch.empty_like(xc))  # sum_n g B
             gdt[sl] = torch.addcmul(torch.einsum("tbgen,gen->tbge", gq, A), gBsum, xc)
             gx[sl] = gBsum * dtc
             gA_acc[:T].addcmul_(gq, dtc[..., None])

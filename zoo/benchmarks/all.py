@@ -248,12 +248,13 @@ def decode(entry: Entry, prompt, n: int, device) -> float:
 
 
 def _gemv_weights(model) -> list[torch.Tensor]:
-    """The matrices a batch-1 decode step multiplies by: every 2-D weight except the embedding, plus the head."""
-    embed = model.get_input_embeddings().weight
-    mats = [p.detach() for p in model.parameters() if p.dim() == 2 and p is not embed]
-    head = model.get_output_embeddings()
-    if head is not None and not any(head.weight is m or head.weight.data_ptr() == m.data_ptr() for m in mats):
-        mats.append(head.weight.detach())
+    """The matrices a batch-1 decode step multiplies by: the weight of every ``nn.Linear`` (the head included, counted
+    once when it is tied to the embedding), not other 2-D parameters such as Mamba's ``A_log``."""
+    mats, seen = [], set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.data_ptr() not in seen:
+            seen.add(module.weight.data_ptr())
+            mats.append(module.weight.detach())
     return mats
 
 

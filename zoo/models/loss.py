@@ -60,21 +60,28 @@ class TiledLinearCrossEntropy(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0] and eager_grad, ctx.needs_input_grad[1] and eager_grad
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        rows = min(chunk_size, hidden.shape[0])
+        # one logits buffer for every tile, turned into the softmax in place: a fresh (chunk, V) tensor per tile (and
+        # log_softmax's second one) costs page faults that measured ~10 % of the head on CPU
+        raw_buf = hidden.new_empty(rows, weight.shape[0])
+        f32_buf = raw_buf if raw_buf.dtype == torch.float32 else torch.empty(raw_buf.shape, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk_size):
             h, t = hidden[s : s + chunk_size], targets[s : s + chunk_size]
-            logits = F.linear(h, weight).float()  # (chunk, V)
+            raw = torch.mm(h, weight.t(), out=raw_buf[: h.shape[0]])
+            logits = raw if raw is f32_buf[: h.shape[0]] else f32_buf[: h.shape[0]].copy_(raw)  # (chunk, V) fp32
             if with_preds:
                 preds[s : s + chunk_size] = logits.argmax(-1)
+            total += _softmax_(logits, t, normalise=need_h or need_w)
             if not (need_h or need_w):
-                total += F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum")
                 continue
-            logp = logits.log_softmax(-1)
-            total += F.nll_loss(logp, t, ignore_index=IGNORE_INDEX, reduction="sum")
-            grad = _softmax_minus_onehot(logp.exp_(), t, 1.0).to(hidden.dtype)  # the backward scales by grad_out / count
+            grad = _softmax_minus_onehot(logits, t, 1.0).to(hidden.dtype)  # the backward scales by grad_out / count
             if need_h:
-                grad_h[s : s + chunk_size] = grad @ weight
+                torch.mm(grad, weight, out=grad_h[s : s + chunk_size])
             if need_w:
-                grad_w += (grad.t() @ h).float()
+                if grad.dtype == torch.float32:
+                    grad_w.addmm_(grad.t(), h)
+                else:
+                    grad_w += (grad.t() @ h).float()
         ctx.chunk_size, ctx.eager, ctx.weight_dtype = chunk_size, need_h or need_w, weight.dtype
         if ctx.eager:
             ctx.save_for_backward(grad_h, grad_w, count)
@@ -108,12 +115,31 @@ class TiledLinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None, None
 
 
+def _softmax_(logits: torch.Tensor, t: torch.Tensor, normalise: bool = True) -> torch.Tensor:
+    """The summed cross-entropy of ``logits`` (chunk, V) fp32 against ``t`` (rows with target -100 left out), turning
+    ``logits`` into its softmax in place (into unnormalised ``exp(logits - max)`` without ``normalise``).
+
+    ``log z + max - logit_t`` per row, as ``log_softmax`` computes it (stable), with no second (chunk, V) tensor.
+    """
+    valid = t != IGNORE_INDEX
+    rows = valid.nonzero().squeeze(1)
+    m = logits.amax(-1, keepdim=True)
+    target_logit = logits[rows, t[rows]]
+    z = logits.sub_(m).exp_().sum(-1, keepdim=True)
+    if normalise:
+        logits.div_(z)
+    return (z[rows, 0].log() + m[rows, 0] - target_logit).sum()
+
+
 def _softmax_minus_onehot(p: torch.Tensor, t: torch.Tensor, scale) -> torch.Tensor:
     """``(p - onehot(t)) * scale`` in place on ``p`` (chunk, V), rows whose target is ignored zeroed: d loss / d logits."""
     valid = t != IGNORE_INDEX
     rows = valid.nonzero().squeeze(1)
     p[rows, t[rows]] -= 1.0
-    p *= valid.unsqueeze(1) * scale
+    if isinstance(scale, torch.Tensor) or scale != 1.0:
+        p *= scale
+    if rows.numel() < t.numel():
+        p.masked_fill_(~valid.unsqueeze(1), 0.0)
     return p
 
 

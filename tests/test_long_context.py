@@ -328,19 +328,29 @@ def test_zoo_train_step_tiles_the_head_and_equals_the_model_loss(monkeypatch):
     x, y = batch(B=2, L=23)
     assert _sparse_head(model)
     rows = []
-    real_linear = F.linear
+    real_linear, real_mm = F.linear, torch.mm
+
+    def head(weight):  # the head's weight or a transposed view of it
+        return weight.data_ptr() == model.lm_head.weight.data_ptr()
 
     def spy(inp, weight, bias=None):
-        if weight is model.lm_head.weight:
+        if head(weight):
             rows.append(inp.shape[0])
         return real_linear(inp, weight, bias)
 
+    def spy_mm(inp, other, **kw):
+        if head(other):
+            rows.append(inp.shape[0])
+        return real_mm(inp, other, **kw)
+
     monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    monkeypatch.setattr(torch, "mm", spy_mm)
     model.zero_grad(set_to_none=True)
     loss, _, preds, tgt, _ = lm_step(model, x, y, sparse=True)
     loss.backward()
     g_step = grads(model)
     monkeypatch.setattr(torch.nn.functional, "linear", real_linear)
+    monkeypatch.setattr(torch, "mm", real_mm)
     assert rows and max(rows) <= 8 and sum(rows) >= tgt.numel()  # every labelled row, 8 at a time
     model.config.loss_chunk_size = 0
     ref, g_ref = run(model.eval(), x, y)  # eval mode: the full-logits loss

@@ -218,3 +218,65 @@ def test_cuda_backend_equals_torch():
     got, h = selective_scan(*args, True, True, backend="cuda")
     assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert_close(h, h_ref, rtol=1e-4, atol=1e-4)
+
+
+# ----- the compiled CPU chunk loop (ZOO_CPU_COMPILE) ------------------------------------------------------------
+@pytest.fixture
+def compiled_calls(monkeypatch):
+    """Force the compiled chunk path and count its calls (fwd / bwd)."""
+    from zoo.kernels.selective import chunked
+
+    monkeypatch.setenv("ZOO_CPU_COMPILE", "always")
+    calls = []
+    real = chunked._run_compiled
+
+    def counting(name, fn, *args):
+        calls.append(name)
+        return real(name, fn, *args)
+
+    monkeypatch.setattr(chunked, "_run_compiled", counting)
+    return calls
+
+
+def test_compiled_chunks_equal_reference(compiled_calls):
+    """The compiled full chunks (the last, shorter chunk eager) against the float64 oracle: values, final state and
+    every gradient, with groups, D, z, bias and an initial state; then packed sequences (the keep mask)."""
+    from zoo.kernels.selective import chunked
+
+    inp = make_inputs(L=13, G=2, options=("D", "z", "bias"), h0=True)  # chunks 4+4+4 compiled, 1 eager
+    assert_same(run(selective_scan_ref, inp), run(selective_scan_chunked, inp, chunk_size=4))
+    assert compiled_calls.count("fwd") == 3 and compiled_calls.count("bwd") == 3 and not chunked._compiled.get("failed")
+    lens, cu = [3, 1, 6], torch.tensor([0, 3, 4, 10])
+    inp = make_inputs(Bsz=1, L=sum(lens), options=("D", "z", "bias"))
+    ref = run(selective_scan_ref, inp, last=False, cu_seqlens=cu)
+    assert_same(ref, run(selective_scan_chunked, inp, last=False, cu_seqlens=cu, chunk_size=5))
+    assert compiled_calls.count("fwd") == 5 and compiled_calls.count("bwd") == 5
+
+
+def test_compile_mode_threshold_and_fallback(monkeypatch):
+    """auto compiles only at training sizes and only on CPU; a compile that fails warns once and the eager loops give
+    the same result; a bad ZOO_CPU_COMPILE value is an error that names the choices."""
+    from zoo.kernels.selective import chunked
+
+    monkeypatch.setattr(chunked, "_compiled", {})
+    monkeypatch.setenv("ZOO_CPU_COMPILE", "auto")
+    small, big = torch.empty(64, 2, 1, 32), torch.empty(512, 4, 1, 512)
+    assert not chunked._use_compiled(small, 16) and chunked._use_compiled(big, 16)
+    monkeypatch.setenv("ZOO_CPU_COMPILE", "never")
+    assert not chunked._use_compiled(big, 16)
+    monkeypatch.setenv("ZOO_CPU_COMPILE", "sometimes")
+    with pytest.raises(ValueError, match="auto, always or never"):
+        chunked._use_compiled(big, 16)
+
+    def broken(fn, **kw):
+        def call(*a):
+            raise RuntimeError("no C++ compiler")
+        return call
+
+    monkeypatch.setenv("ZOO_CPU_COMPILE", "always")
+    monkeypatch.setattr(torch, "compile", broken)
+    inp = make_inputs(L=9, G=0, h0=True)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        got = run(selective_scan_chunked, inp, chunk_size=4)
+    assert chunked._compiled["failed"] and not chunked._use_compiled(big, 16)
+    assert_same(run(selective_scan_ref, inp), got)

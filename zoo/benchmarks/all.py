@@ -141,7 +141,7 @@ def _add_peers(out: list[Entry], args, base: dict) -> None:
             tf.MambaConfig(vocab_size=V, hidden_size=d, num_hidden_layers=n, state_size=16, conv_kernel=4, expand=2,
                            use_bias=False, use_conv_bias=True, layer_norm_epsilon=1e-5, tie_word_embeddings=True)))
         heads = 2 * d // 64  # zoo mamba2 defaults: expand 2, headdim 64, d_state 128, ngroups 1, chunk 256
-        by_name["mamba2"].peer = Entry("transformers Mamba2ForCausalLM", zoo=False, build=lambda: tf.Mamba2ForCausalLM(
+        by_name["mamba2"].peer = Entry("transformers Mamba2ForCausalLM", zoo=False, cheap=True, build=lambda: tf.Mamba2ForCausalLM(
             tf.Mamba2Config(vocab_size=V, hidden_size=d, num_hidden_layers=n, num_heads=heads, head_dim=64,
                             state_size=128, expand=2, n_groups=1, conv_kernel=4, chunk_size=256, use_bias=False,
                             use_conv_bias=True, layer_norm_epsilon=1e-5, tie_word_embeddings=True)))
@@ -149,7 +149,7 @@ def _add_peers(out: list[Entry], args, base: dict) -> None:
     hidden = swiglu_hidden(d)  # the zoo SwiGLU's default width
     llama = Entry("attention+swiglu (Llama-shaped)", _zoo({**base, "pattern": ["attention"], "mlp": "swiglu",
                                                             "mixers": {"attention": {"n_heads": 4}}}))
-    llama.peer = Entry("transformers LlamaForCausalLM", zoo=False, build=lambda: tf.LlamaForCausalLM(
+    llama.peer = Entry("transformers LlamaForCausalLM", zoo=False, cheap=True, build=lambda: tf.LlamaForCausalLM(
         tf.LlamaConfig(vocab_size=V, hidden_size=d, intermediate_size=hidden, num_hidden_layers=n,
                        num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5, tie_word_embeddings=True,
                        attention_bias=False, mlp_bias=False)))
@@ -357,7 +357,7 @@ def run(args) -> list[Entry]:
     for e in every:  # build and warm up every model first
         try:
             e.model = e.build().to(device=device, dtype=dtype)
-            for _ in range(args.warmup):  # (a peer's training step is not warmed up: transformers' Mamba takes minutes)
+            for _ in range(args.warmup):  # (transformers' Mamba's training step is not warmed up: it takes minutes)
                 _round(e, ids, prompt, dec_prompt, args, device, train=e.zoo or e.cheap)
             e.times.clear()
         except Exception as err:  # one model that cannot run here must not take the table down
@@ -503,8 +503,9 @@ def main(argv: list[str] | None = None) -> list[list]:
             f"{args.warmup} warm-up; peak train MiB = peak allocation of one training step above what was allocated "
             + ("before it (torch.cuda.max_memory_allocated)" if device.type == "cuda" else
                "before it, from the torch profiler's CPU allocator memory events")
-            + f"; transformers peers' training: {min(args.peer_train_repeats, args.repeats)} timed step(s) without warm-up"
-            + " (lucidrains peers: warmed up and timed like zoo)"
+            + f"; transformers' MambaForCausalLM training: {min(args.peer_train_repeats, args.repeats)} timed step(s) "
+            "without warm-up (its sequential torch path takes minutes a step; every other peer is warmed up and timed "
+            "like zoo)"
             + f"; state floats/seq = what decoding carries at context {args.length} (zoo: state_size(); peers: their "
             "cache after the prefill); x = zoo / peer (above 1: zoo faster). Peers: transformers' torch paths and "
             "lucidrains' LMs (their GELU MLP of 4 d per layer, matched by the '+gelu' zoo rows; GateLoop's has no "

@@ -241,11 +241,11 @@ def compiled_calls(monkeypatch):
 def test_compiled_chunks_equal_reference(compiled_calls):
     """The compiled full chunks (the last, shorter chunk eager) against the float64 oracle: values, final state and
     every gradient, with groups, D, z, bias and an initial state; then packed sequences (the keep mask)."""
-    from zoo.kernels.selective import chunked
+    from zoo.kernels import _compile
 
     inp = make_inputs(L=13, G=2, options=("D", "z", "bias"), h0=True)  # chunks 4+4+4 compiled, 1 eager
     assert_same(run(selective_scan_ref, inp), run(selective_scan_chunked, inp, chunk_size=4))
-    assert compiled_calls.count("fwd") == 3 and compiled_calls.count("bwd") == 3 and not chunked._compiled.get("failed")
+    assert compiled_calls.count("fwd") == 3 and compiled_calls.count("bwd") == 3 and "selective_scan" not in _compile._failed
     lens, cu = [3, 1, 6], torch.tensor([0, 3, 4, 10])
     inp = make_inputs(Bsz=1, L=sum(lens), options=("D", "z", "bias"))
     ref = run(selective_scan_ref, inp, last=False, cu_seqlens=cu)
@@ -256,9 +256,11 @@ def test_compiled_chunks_equal_reference(compiled_calls):
 def test_compile_mode_threshold_and_fallback(monkeypatch):
     """auto compiles only at training sizes and only on CPU; a compile that fails warns once and the eager loops give
     the same result; a bad ZOO_CPU_COMPILE value is an error that names the choices."""
+    from zoo.kernels import _compile
     from zoo.kernels.selective import chunked
 
-    monkeypatch.setattr(chunked, "_compiled", {})
+    monkeypatch.setattr(_compile, "_compiled", {})
+    monkeypatch.setattr(_compile, "_failed", set())
     monkeypatch.setenv("ZOO_CPU_COMPILE", "auto")
     small, big = torch.empty(64, 2, 1, 32), torch.empty(512, 4, 1, 512)
     assert not chunked._use_compiled(small, 16) and chunked._use_compiled(big, 16)
@@ -278,5 +280,5 @@ def test_compile_mode_threshold_and_fallback(monkeypatch):
     inp = make_inputs(L=9, G=0, h0=True)
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
         got = run(selective_scan_chunked, inp, chunk_size=4)
-    assert chunked._compiled["failed"] and not chunked._use_compiled(big, 16)
+    assert "selective_scan" in _compile._failed and not chunked._use_compiled(big, 16)
     assert_same(run(selective_scan_ref, inp), got)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo.kernels._compile import run_compiled, use_compiled
 from zoo.kernels._dispatch import CUDA_PACKAGES, resolve_backend
 from zoo.kernels._dispatch import TILE_BYTES as _TILE_BYTES
 from zoo.packing import seq_index, validate_cu_seqlens
@@ -27,10 +28,74 @@ def _check_weight(weight: torch.Tensor, E: int, bias: torch.Tensor | None, activ
         raise ValueError(f"{op}: activation must be None, 'silu' or 'swish'; got {activation!r}.")
 
 
+#: Convolutions of at least this many input elements (B * E * L) run the compiled CPU path (``zoo.kernels._compile``).
+COMPILE_MIN_ELEMENTS = 1 << 20
+
+
+def _conv_fwd(xf, w, b, silu: bool):
+    """``silu(b + sum_k w_k xf[t + k])`` over the padded input ``xf (B, E, L + W - 1)``: the taps unrolled."""
+    W = w.shape[1]
+    L = xf.shape[-1] - W + 1
+    out = b[:, None] + w[:, 0, None] * xf[..., :L]
+    for k in range(1, W):
+        out = out + w[:, k, None] * xf[..., k : k + L]
+    return F.silu(out) if silu else out
+
+
+def _conv_bwd(xf, w, b, gy, silu: bool):
+    """Gradients of :func:`_conv_fwd` for ``gy (B, E, L)``: the padded input's (B, E, L + W - 1), the weight's and
+    the bias's; the pre-activation recomputed."""
+    W, L = w.shape[1], gy.shape[-1]
+    g = gy
+    if silu:
+        pre = b[:, None] + w[:, 0, None] * xf[..., :L]
+        for k in range(1, W):
+            pre = pre + w[:, k, None] * xf[..., k : k + L]
+        s = torch.sigmoid(pre)
+        g = gy * s * (1 + pre * (1 - s))
+    gp = F.pad(g, (W - 1, W - 1))
+    n = L + W - 1
+    gxf = w[:, 0, None] * gp[..., W - 1 : W - 1 + n]  # xf[j] feeds out[j - k] through tap k
+    for k in range(1, W):
+        gxf = gxf + w[:, k, None] * gp[..., W - 1 - k : W - 1 - k + n]
+    gw = torch.stack([(g * xf[..., k : k + L]).sum((0, 2)) for k in range(W)], 1)
+    return gxf, gw, g.sum((0, 2))
+
+
+class _CompiledConv(torch.autograd.Function):
+    """The depthwise causal conv (+ SiLU) as two compiled CPU functions; bias and initial states optional."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, initial_states, silu):
+        W = weight.shape[1]
+        xf = F.pad(x, (W - 1, 0)) if initial_states is None else torch.cat([initial_states.to(x.dtype), x], dim=-1)
+        w = weight.to(x.dtype)
+        b = x.new_zeros(x.shape[1]) if bias is None else bias.to(x.dtype)
+        out = run_compiled("causal_conv1d", "fwd", _conv_fwd, xf, w, b, silu)
+        ctx.save_for_backward(xf, w, b)
+        ctx.silu, ctx.has_init = silu, initial_states is not None
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype,
+                      None if initial_states is None else initial_states.dtype)
+        return _conv_fwd(xf, w, b, silu) if out is None else out
+
+    @staticmethod
+    def backward(ctx, gy):
+        xf, w, b = ctx.saved_tensors
+        gy = gy.contiguous()
+        res = run_compiled("causal_conv1d", "bwd", _conv_bwd, xf, w, b, gy, ctx.silu)
+        gxf, gw, gb = _conv_bwd(xf, w, b, gy, ctx.silu) if res is None else res
+        W = w.shape[1]
+        w_dtype, b_dtype, s_dtype = ctx.dtypes
+        return (gxf[..., W - 1 :], gw.to(w_dtype), None if b_dtype is None else gb.to(b_dtype),
+                gxf[..., : W - 1].to(s_dtype) if ctx.has_init else None, None)
+
+
 def _conv_torch(x, weight, bias, silu, initial_states, pos):
     """In tiles of channels under ``TILE_BYTES``: the padded input, the pre-activation and their gradients (each the
     size of x) exist for one tile at a time, and only the output and x's gradient are full size (fresh buffers past
     glibc's mmap threshold page-fault on every call, a per-token cost that grew with L)."""
+    if pos is None and use_compiled("causal_conv1d", x, x.numel(), COMPILE_MIN_ELEMENTS):
+        return _CompiledConv.apply(x, weight, bias, initial_states, silu)
     E = x.shape[1]
     per_channel = x.shape[0] * (x.shape[-1] + weight.shape[1]) * x.element_size()
     t = max(1, TILE_BYTES // max(per_channel, 1))

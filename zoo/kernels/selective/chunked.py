@@ -15,18 +15,16 @@ On CPU, at training sizes (``B * L * E * N`` of at least ``COMPILE_MIN_ELEMENTS`
 backward instead run as one ``torch.compile``d function (the steps unrolled; inductor fuses the decays, the
 recurrence and the sums over N into a few C++ loops whose state stays in registers), the same algorithm with
 fewer memory passes: 1.3-2.5x faster fwd+bwd at Mamba's training shapes (docs/benchmarks.md). The first call per
-shape compiles for some seconds; ``ZOO_CPU_COMPILE=never`` keeps the eager loops, ``always`` compiles at any size
-(the tests use it), and a failed compile (no C++ compiler) warns once and falls back to eager.
+shape compiles for some seconds; ``ZOO_CPU_COMPILE`` (``zoo.kernels._compile``) chooses: ``never`` keeps the eager
+loops, ``always`` compiles at any size (the tests use it); a failed compile warns once and falls back to eager.
 """
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
 import torch.nn.functional as F
 
+from zoo.kernels._compile import run_compiled, use_compiled
 from zoo.kernels._dispatch import compute_dtype
 from zoo.packing import sequence_starts
 
@@ -125,35 +123,13 @@ def _chunk_bwd(x, dt, A, Bm, Cm, keep, gy, h0, carry):
             (dtx[..., None] * G).sum(-2), (gy[..., None] * H).sum(-2), a[0] * G[0])
 
 
-_compiled: dict[str, object] = {}
-
-
-def _compile_mode() -> str:
-    mode = os.environ.get("ZOO_CPU_COMPILE", "auto").strip().lower()
-    if mode not in ("auto", "always", "never"):
-        raise ValueError(f"ZOO_CPU_COMPILE={mode!r}: use auto, always or never.")
-    return mode
-
-
 def _use_compiled(x: torch.Tensor, N: int) -> bool:
-    """Whether this scan's full chunks run compiled (see the module docstring)."""
-    if x.device.type != "cpu" or torch.compiler.is_compiling() or _compiled.get("failed"):
-        return False  # inside a user's torch.compile Dynamo traces the eager loops itself
-    mode = _compile_mode()
-    return mode == "always" or (mode == "auto" and x.numel() * N >= COMPILE_MIN_ELEMENTS)
+    """Whether this scan's full chunks run compiled (``zoo.kernels._compile``; B * L * E * N against the threshold)."""
+    return use_compiled("selective_scan", x, x.numel() * N, COMPILE_MIN_ELEMENTS)
 
 
 def _run_compiled(name: str, fn, *args):
-    """``torch.compile(fn)(*args)``, or None after warning once when compiling is impossible here."""
-    if name not in _compiled:
-        _compiled[name] = torch.compile(fn)  # static first; a second shape recompiles once with dynamic sizes
-    try:
-        return _compiled[name](*args)
-    except Exception as err:  # noqa: BLE001 -- inductor's failures (no compiler, unsupported build) vary widely
-        _compiled["failed"] = True
-        warnings.warn(f"selective_scan: torch.compile of the CPU chunk loop failed ({type(err).__name__}: {err}); "
-                      "using the eager loops (set ZOO_CPU_COMPILE=never to skip the attempt).", stacklevel=3)
-        return None
+    return run_compiled("selective_scan", name, fn, *args)
 
 
 class _ChunkedScan(torch.autograd.Function):

@@ -6,6 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.kernels._compile import run_compiled, use_compiled
+
+#: Gated norms over at least this many elements run as one compiled CPU function (``zoo.kernels._compile``).
+COMPILE_MIN_ELEMENTS = 1 << 20
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm computed in at least float32 (float64 stays float64), returned in x's dtype.
@@ -64,6 +69,25 @@ class GatedRMSNorm(nn.Module):
     def forward(self, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         if z is None:
             return self._norm(y)
+        if y.dtype in (torch.float32, torch.float64) and use_compiled("gated_rms_norm", y, y.numel(), COMPILE_MIN_ELEMENTS):
+            # the gate, the norm and their backward fused by inductor (AOTAutograd derives the backward)
+            out = run_compiled("gated_rms_norm", "fn", _gated_rms_norm, y, z, self.weight, self.eps, self.group_size,
+                               self.norm_before_gate)
+            if out is not None:
+                return out
         if self.norm_before_gate:
             return self._norm(y) * F.silu(z)
         return self._norm(y * F.silu(z))
+
+
+def _gated_rms_norm(y, z, weight, eps: float, group_size: int, norm_before_gate: bool):
+    """What :class:`GatedRMSNorm` computes, in y's dtype (float32 / float64), as one function for ``torch.compile``."""
+    shape = y.shape
+    g = F.silu(z.to(y.dtype)).reshape(*shape[:-1], -1, group_size)
+    u = y.reshape(*shape[:-1], -1, group_size)
+    if not norm_before_gate:
+        u = u * g
+    out = u * torch.rsqrt(u.square().mean(-1, keepdim=True) + eps) * weight.to(y.dtype).reshape(-1, group_size)
+    if norm_before_gate:
+        out = out * g
+    return out.reshape(shape)

@@ -212,6 +212,30 @@ def test_ssd_equals_sequential(backend, with_d):
         torch.testing.assert_close(a, b)
 
 
+def test_ssd_compiled_intra_chunk_equals_sequential(monkeypatch):
+    """The compiled CPU intra-chunk part (ZOO_CPU_COMPILE=always forces it at this size), two groups, float64:
+    output, final state and every gradient against the sequential oracle."""
+    from zoo.kernels import _compile
+    from zoo.kernels.ssd_scan import chunked
+
+    monkeypatch.setenv("ZOO_CPU_COMPILE", "always")
+    calls = []
+    real = _compile.run_compiled
+    monkeypatch.setattr(chunked, "run_compiled", lambda op, name, *a: calls.append(name) or real(op, name, *a))
+    ins = ssd_inputs()
+    x, dt, A, B, C, D, h0 = ins
+    y, hT = ssd(x, dt, A, B, C, D, chunk_size=16, initial_state=h0, return_final_state=True, backend="torch")
+    assert calls == ["intra"] and "ssd" not in _compile._failed
+    y_ref, h_ref = ssd_ref(x, dt, A, B, C, D, initial_state=h0)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(hT, h_ref)
+    leaves = [t for t in ins if t is not None]
+    got = torch.autograd.grad(y.square().sum() + hT.sum(), leaves)
+    want = torch.autograd.grad(y_ref.square().sum() + h_ref.sum(), leaves)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
 def test_ssd_torch_path_picks_its_own_chunk_and_stays_exact(monkeypatch):
     from zoo.kernels import ssd_scan
 

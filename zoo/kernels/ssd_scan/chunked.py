@@ -19,11 +19,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo.kernels._compile import run_compiled, use_compiled
 from zoo.kernels._dispatch import TILE_BYTES as _TILE_BYTES
 from zoo.kernels.gla.chunked import inter_chunk_states
 from zoo.packing import from_padded_batch, packed_index, to_padded_batch
 
 TILE_BYTES = _TILE_BYTES  # the largest (b, chunks, h, c, c) intra-chunk tensor of one tile of chunks
+#: Tiles whose (b, chunks, h, c, c) decay has at least this many elements run the intra-chunk part compiled on CPU
+#: (``zoo.kernels._compile``: the masked exp, the decay times C B^T and their backward fused; the matmuls stay BLAS).
+COMPILE_MIN_ELEMENTS = 1 << 20
+
+
+def _intra_tile(Gh, Cg, Bg, vt, tri, g: int, hg: int) -> torch.Tensor:
+    if use_compiled("ssd", Gh, Gh.numel() * Gh.shape[-1], COMPILE_MIN_ELEMENTS):
+        out = run_compiled("ssd", "intra", _intra, Gh, Cg, Bg, vt, tri, g, hg)
+        if out is not None:
+            return out
+    return _intra(Gh, Cg, Bg, vt, tri, g, hg)
 
 
 def _intra(Gh, Cg, Bg, vt, tri, g: int, hg: int) -> torch.Tensor:
@@ -83,7 +95,7 @@ def ssd_chunked(
         per_chunk = b * h * c * c * torch.empty((), dtype=ct).element_size()
         t = max(1, min(nc, TILE_BYTES // per_chunk))
         vt = v.transpose(2, 3)  # (b, nc, h, c, p)
-        parts = [_intra(*ts, tri, g, hg) for ts in zip(*(z.split(t, dim=1) for z in (Gh, Cg, Bg, vt)))]
+        parts = [_intra_tile(*ts, tri, g, hg) for ts in zip(*(z.split(t, dim=1) for z in (Gh, Cg, Bg, vt)))]
         y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (b, nc, h, c, p)
 
         # Each chunk's own contribution to the state, heads of a group side by side: (b, nc, g, n, hg * p).

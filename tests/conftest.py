@@ -5,6 +5,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The compiled CPU loops (zoo/kernels/_compile.py) take seconds to compile per shape: tests run the eager code unless
+# they force the compiled path (ZOO_CPU_COMPILE=always, at small shapes, against the float64 oracles).
+os.environ.setdefault("ZOO_CPU_COMPILE", "never")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -254,7 +254,7 @@ def test_compiled_chunks_equal_reference(compiled_calls):
 
 
 def test_compile_mode_threshold_and_fallback(monkeypatch):
-    """auto compiles only at training sizes and only on CPU; a compile that fails warns once and the eager loops give
+    """auto compiles only in training, at training sizes, on CPU; a compile that fails warns once and the eager loops give
     the same result; a bad ZOO_CPU_COMPILE value is an error that names the choices."""
     from zoo.kernels import _compile
     from zoo.kernels.selective import chunked
@@ -264,6 +264,7 @@ def test_compile_mode_threshold_and_fallback(monkeypatch):
     monkeypatch.setenv("ZOO_CPU_COMPILE", "auto")
     small, big = torch.empty(64, 2, 1, 32), torch.empty(512, 4, 1, 512)
     assert not chunked._use_compiled(small, 16) and chunked._use_compiled(big, 16)
+    assert not chunked._use_compiled(big, 16, training=False)  # inference (a one-off prefill) stays eager
     monkeypatch.setenv("ZOO_CPU_COMPILE", "never")
     assert not chunked._use_compiled(big, 16)
     monkeypatch.setenv("ZOO_CPU_COMPILE", "sometimes")

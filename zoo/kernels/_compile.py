@@ -2,12 +2,14 @@
 
 Some torch paths are chains of elementwise passes over a chunk (the selective scan's unrolled steps, the causal
 conv's shifted taps and SiLU). On CPU, inductor fuses such a chain into a few C++ loops whose intermediates stay in
-registers: the same algorithm with fewer memory passes. They are compiled only where it pays: on CPU, at sizes
-where the seconds of the first compile are amortised (each kernel gives its own threshold), never inside a user's
-own ``torch.compile`` (Dynamo traces the eager code there itself).
+registers: the same algorithm with fewer memory passes. They are compiled only where it pays: on CPU, in training
+(gradients wanted: the same shapes come back every step, so the seconds of the first compile are amortised), at
+sizes past each kernel's threshold, and never inside a user's own ``torch.compile`` (Dynamo traces the eager code
+there itself). Inference (a prefill, ``generate``) stays eager by default: a one-off prompt would wait for the
+compile.
 
-``ZOO_CPU_COMPILE``: ``auto`` (the default, the size thresholds), ``always`` (any size: the tests' setting),
-``never`` (the eager loops only). A compile that fails (no C++ compiler, an unsupported build) warns once and that
+``ZOO_CPU_COMPILE``: ``auto`` (the default: training at the size thresholds), ``always`` (any size, inference too:
+the tests' setting, or a server that prefills many prompts), ``never`` (the eager loops only). A compile that fails (no C++ compiler, an unsupported build) warns once and that
 kernel falls back to its eager loops for the rest of the process.
 """
 
@@ -32,12 +34,17 @@ def compile_mode() -> str:
     return mode
 
 
-def use_compiled(op: str, x: torch.Tensor, size: int, threshold: int) -> bool:
-    """Whether kernel ``op`` runs its compiled loop for work of ``size`` elements on ``x``'s device."""
+def use_compiled(op: str, x: torch.Tensor, size: int, threshold: int, training: bool | None = None) -> bool:
+    """Whether kernel ``op`` runs its compiled loop for work of ``size`` elements on ``x``'s device.
+
+    ``training``: whether a backward will follow (default: grad mode is on and ``x`` requires grad; a caller inside
+    an ``autograd.Function``, where grad mode is off, decides it outside and passes it)."""
     if x.device.type != "cpu" or torch.compiler.is_compiling() or op in _failed:
         return False
     mode = compile_mode()
-    return mode == "always" or (mode == "auto" and size >= threshold)
+    if training is None:
+        training = torch.is_grad_enabled() and x.requires_grad
+    return mode == "always" or (mode == "auto" and training and size >= threshold)
 
 
 def run_compiled(op: str, name: str, fn: Callable, *args):

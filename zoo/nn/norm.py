@@ -69,7 +69,9 @@ class GatedRMSNorm(nn.Module):
     def forward(self, y: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         if z is None:
             return self._norm(y)
-        if y.dtype in (torch.float32, torch.float64) and use_compiled("gated_rms_norm", y, y.numel(), COMPILE_MIN_ELEMENTS):
+        if y.dtype in (torch.float32, torch.float64) and use_compiled(
+                "gated_rms_norm", y, y.numel(), COMPILE_MIN_ELEMENTS,
+                torch.is_grad_enabled() and (y.requires_grad or self.weight.requires_grad)):
             # the gate, the norm and their backward fused by inductor (AOTAutograd derives the backward)
             out = run_compiled("gated_rms_norm", "fn", _gated_rms_norm, y, z, self.weight, self.eps, self.group_size,
                                self.norm_before_gate)

@@ -94,7 +94,8 @@ def _conv_torch(x, weight, bias, silu, initial_states, pos):
     """In tiles of channels under ``TILE_BYTES``: the padded input, the pre-activation and their gradients (each the
     size of x) exist for one tile at a time, and only the output and x's gradient are full size (fresh buffers past
     glibc's mmap threshold page-fault on every call, a per-token cost that grew with L)."""
-    if pos is None and use_compiled("causal_conv1d", x, x.numel(), COMPILE_MIN_ELEMENTS):
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if pos is None and use_compiled("causal_conv1d", x, x.numel(), COMPILE_MIN_ELEMENTS, training):
         return _CompiledConv.apply(x, weight, bias, initial_states, silu)
     E = x.shape[1]
     per_channel = x.shape[0] * (x.shape[-1] + weight.shape[1]) * x.element_size()

@@ -11,7 +11,7 @@ same way, forming every gradient with elementwise passes and batched matmuls ove
 touches a chunk-sized tensor a constant number of times, so the work is linear in L with few memory passes;
 no ``(B, L, E, N)`` tensor is ever built for the whole sequence.
 
-On CPU, at training sizes (``B * L * E * N`` of at least ``COMPILE_MIN_ELEMENTS``), each full chunk's forward and
+On CPU, in training at sizes of ``B * L * E * N`` at least ``COMPILE_MIN_ELEMENTS``, each full chunk's forward and
 backward instead run as one ``torch.compile``d function (the steps unrolled; inductor fuses the decays, the
 recurrence and the sums over N into a few C++ loops whose state stays in registers), the same algorithm with
 fewer memory passes: 1.3-2.5x faster fwd+bwd at Mamba's training shapes (docs/benchmarks.md). The first call per
@@ -123,9 +123,9 @@ def _chunk_bwd(x, dt, A, Bm, Cm, keep, gy, h0, carry):
             (dtx[..., None] * G).sum(-2), (gy[..., None] * H).sum(-2), a[0] * G[0])
 
 
-def _use_compiled(x: torch.Tensor, N: int) -> bool:
+def _use_compiled(x: torch.Tensor, N: int, training: bool = True) -> bool:
     """Whether this scan's full chunks run compiled (``zoo.kernels._compile``; B * L * E * N against the threshold)."""
-    return use_compiled("selective_scan", x, x.numel() * N, COMPILE_MIN_ELEMENTS)
+    return use_compiled("selective_scan", x, x.numel() * N, COMPILE_MIN_ELEMENTS, training)
 
 
 def _run_compiled(name: str, fn, *args):
@@ -134,7 +134,7 @@ def _run_compiled(name: str, fn, *args):
 
 class _ChunkedScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, Bm, Cm, h0, keep, chunk):
+    def forward(ctx, x, dt, A, Bm, Cm, h0, keep, chunk, training):
         # x, dt (L, B, G, Eg); A (G, Eg, N); Bm, Cm (L, B, G, N); h0 (B, G, Eg, N); keep (L,) or None
         L, Bsz, G, Eg = x.shape
         N = A.shape[-1]
@@ -143,7 +143,7 @@ class _ChunkedScan(torch.autograd.Function):
         y = torch.empty_like(x)
         starts = x.new_empty(-(-L // chunk), Bsz, G, Eg, N)
         h = h0
-        compiled = _use_compiled(x, N)
+        compiled = _use_compiled(x, N, training)
         for i, c0 in enumerate(range(0, L, chunk)):
             sl = slice(c0, c0 + chunk)
             T = min(chunk, L - c0)
@@ -159,7 +159,7 @@ class _ChunkedScan(torch.autograd.Function):
             _dot_n_into(hs.view(-1, Eg, N), Cm[sl].reshape(-1, N), y[sl])
             h = hs[-1].clone()  # not a view of the reused buffer
         ctx.save_for_backward(x, dt, A, Bm, Cm, keep, starts)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.training = chunk, training
         return y, h
 
     @staticmethod
@@ -175,7 +175,7 @@ class _ChunkedScan(torch.autograd.Function):
         a_buf, hs_buf, g_buf = (x.new_empty(T0, Bsz, G, Eg, N) for _ in range(3))  # reused by every chunk
         gA_acc = x.new_zeros(T0, Bsz, G, Eg, N)  # per-position sums of dLoss/d(dt A) * dt; reduced once at the end
         carry = gh if gh is not None else torch.zeros_like(starts[0])  # dLoss/dh at the chunk's end, from the future
-        compiled = _use_compiled(x, N)
+        compiled = _use_compiled(x, N, ctx.training)
         gA = None
         for i, c0 in reversed(list(enumerate(range(0, L, chunk)))):
             sl = slice(c0, c0 + chunk)
@@ -208,7 +208,7 @@ class _ChunkedScan(torch.autograd.Function):
             gx[sl] = gBsum * dtc
             gA_acc[:T].addcmul_(gq, dtc[..., None])
         gA_eager = gA_acc.sum((0, 1))
-        return gx, gdt, gA_eager if gA is None else gA.add_(gA_eager), gB, gC, carry, None, None
+        return gx, gdt, gA_eager if gA is None else gA.add_(gA_eager), gB, gC, carry, None, None, None
 
 
 def selective_scan_chunked(
@@ -252,8 +252,9 @@ def selective_scan_chunked(
     if cu_seqlens is not None:
         keep = (~sequence_starts(cu_seqlens, L)).to(f)  # decay 0 at sequence starts
     h0 = initial_state.to(f).reshape(Bsz, G, Eg, N) if initial_state is not None else uf.new_zeros(Bsz, G, Eg, N)
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, delta, A, B, C, initial_state))
     y, h = _ChunkedScan.apply(uf.view(L, Bsz, G, Eg), dt.view(L, Bsz, G, Eg), A.to(f).reshape(G, Eg, N), Bm, Cm, h0,
-                              keep, chunk_size)
+                              keep, chunk_size, training)
     y = y.view(L, Bsz, E)
     if D is not None:
         y = y + uf * D.to(f)

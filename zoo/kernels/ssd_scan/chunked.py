@@ -31,7 +31,7 @@ COMPILE_MIN_ELEMENTS = 1 << 20
 
 
 def _intra_tile(Gh, Cg, Bg, vt, tri, g: int, hg: int) -> torch.Tensor:
-    if use_compiled("ssd", Gh, Gh.numel() * Gh.shape[-1], COMPILE_MIN_ELEMENTS):
+    if use_compiled("ssd", Gh, Gh.numel() * Gh.shape[-1], COMPILE_MIN_ELEMENTS):  # Gh needs grad in training
         out = run_compiled("ssd", "intra", _intra, Gh, Cg, Bg, vt, tri, g, hg)
         if out is not None:
             return out

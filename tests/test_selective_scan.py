@@ -283,3 +283,17 @@ def test_compile_mode_threshold_and_fallback(monkeypatch):
         got = run(selective_scan_chunked, inp, chunk_size=4)
     assert "selective_scan" in _compile._failed and not chunked._use_compiled(big, 16)
     assert_same(run(selective_scan_ref, inp), got)
+
+
+def test_compiled_path_skips_tensor_subclasses(monkeypatch):
+    """A tensor subclass (DTensor under tensor parallelism) runs the eager code, without a warning or a compile."""
+    from zoo.kernels import _compile
+
+    class Sub(torch.Tensor):
+        pass
+
+    monkeypatch.setattr(_compile, "_compiled", {})
+    monkeypatch.setattr(_compile, "_failed", set())
+    sub = torch.zeros(3).as_subclass(Sub)
+    assert _compile.run_compiled("op", "fn", lambda t: t + 1, sub) is None
+    assert not _compile._compiled and not _compile._failed

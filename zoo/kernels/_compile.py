@@ -48,10 +48,13 @@ def use_compiled(op: str, x: torch.Tensor, size: int, threshold: int, training: 
 
 
 def run_compiled(op: str, name: str, fn: Callable, *args):
-    """``torch.compile(fn)(*args)``, or None (after warning once) when compiling is impossible here.
+    """``torch.compile(fn)(*args)``, or None: for tensor subclasses (silently), or (after warning once) when compiling
+    is impossible here.
 
     Compiled statically first; a second shape recompiles once with dynamic sizes (Dynamo's automatic dynamic).
     """
+    if any(isinstance(a, torch.Tensor) and type(a) not in (torch.Tensor, torch.nn.Parameter) for a in args):
+        return None  # a tensor subclass (DTensor under tensor parallelism, a fake or functional tensor): eager
     key = f"{op}.{name}"
     if key not in _compiled:
         _compiled[key] = torch.compile(fn)

@@ -60,3 +60,49 @@ def test_ids_outside_the_vocabulary_are_refused_on_both_check_paths(n, bad):
     ids[0, n // 2] = bad
     with pytest.raises(ValueError, match=r"outside the vocabulary \[0, 50\)"):
         check_inputs(ids, None, 50)
+
+
+# ----- compile_decode ---------------------------------------------------------------------------------------
+def _lm(pattern):
+    import zoo
+
+    torch.manual_seed(0)
+    mixers = {"attention": {"n_heads": 4}} if "attention" in pattern else {}
+    return zoo.build_model({"model": {"vocab_size": 97, "d_model": 48, "n_layers": 2, "pattern": pattern,
+                                      "mlp": "none", "tie_word_embeddings": False, "mixers": mixers}}).eval()
+
+
+@torch.no_grad()
+def _decode_logits(model, prompt, n):
+    out = model(input_ids=prompt, use_cache=True)
+    cache, tok, logits = out.cache, out.logits[:, -1:].argmax(-1), []
+    for _ in range(n):
+        out = model(input_ids=tok, cache=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+        tok = out.logits[:, -1:].argmax(-1)
+    return torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("pattern", [["mamba"], ["mamba", "attention"]], ids=["mamba", "mamba+attention"])
+def test_compiled_decode_equals_eager_and_sees_new_weights(pattern):
+    """compile_decode(): the compiled steps give the eager steps' logits (a recurrent state, and a KV cache that
+    grows every step), they really run, and a weight changed in place after compiling is used by the next step
+    (the frozen graph is recompiled), not the stale constant."""
+    model = _lm(pattern)
+    prompt = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+    eager = _decode_logits(model, prompt, 6)
+    model.compile_decode()
+    calls = []
+    step = model.__dict__["_decode_compiled"]
+    model.__dict__["_decode_compiled"] = lambda **kw: calls.append(1) or step(**kw)
+    torch.testing.assert_close(_decode_logits(model, prompt, 6), eager, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 6
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-0.5)  # in place: the version counter moves
+    compiled = _decode_logits(model, prompt, 3)
+    model.compile_decode(False)
+    torch.testing.assert_close(compiled, _decode_logits(model, prompt, 3), rtol=1e-5, atol=1e-5)
+    with torch.enable_grad():  # training-like calls never take the compiled step
+        model.compile_decode()
+        assert model._compiled_step(prompt[:, :1], model.new_cache(), None, None, None, None, True,
+                                    (None,) * 6, None) is None

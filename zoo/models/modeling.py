@@ -477,6 +477,57 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             return None
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
+    def compile_decode(self, enable: bool = True, *, freeze: bool = True) -> ZooForCausalLM:
+        """Run each later decode step (one new token per sequence, a cache, no grad, eval mode: ``generate()`` or
+        an own loop) as one ``torch.compile``d graph: every layer's step, the norms and the head, without Python
+        between the ops. Returns the model. ``enable=False`` goes back to eager steps.
+
+        ``freeze`` (default) lets inductor treat the weights as constants (``freezing``: prepacked GEMV weights,
+        folded ``-exp(A_log)``); a weight changed in place (an optimizer step, ``load_state_dict``) is noticed
+        before the next step (each parameter's version counter) and the step recompiles, after
+        ``torch.compiler.reset()``. Writes through ``param.data`` bypass the version counter: call
+        ``compile_decode()`` again after them. The first step (and one per new cache shape, e.g. a growing KV
+        cache) compiles for some seconds; prefill and training stay eager.
+        """
+        self.__dict__["_decode_compiled"] = None  # kept out of nn.Module's registry (it wraps this module)
+        self.__dict__["_decode_weights"] = None
+        if enable:
+            compiled = torch.compile(self)
+
+            def step(**kw):
+                import torch._inductor.config as inductor_config  # (read when a graph is (re)compiled)
+
+                with inductor_config.patch(freezing=freeze):
+                    return compiled(**kw)
+
+            self.__dict__["_decode_compiled"] = step
+        return self
+
+    def _compiled_step(self, input_ids, cache, attention_mask, position_ids, labels, inputs_embeds, use_cache,
+                       packing, output_hidden_states):
+        """The compiled decode step (:meth:`compile_decode`) when this call is one, else None."""
+        if torch.compiler.is_compiling():  # (inside the compiled step itself)
+            return None
+        compiled = self.__dict__.get("_decode_compiled")
+        if (
+            compiled is None or self.training or torch.is_grad_enabled()
+            or labels is not None or inputs_embeds is not None or input_ids is None or cache is None
+            or use_cache is False or output_hidden_states or any(v is not None for v in packing)
+            or input_ids.dim() != 2 or input_ids.shape[1] != 1 or input_ids.device.type not in ("cpu", "cuda")
+        ):
+            return None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            return None
+        if position_ids is not None and not bool((position_ids > 0).all()):
+            return None  # a position 0 starts a new document: the eager path says what that means
+        check_inputs(input_ids, None, self.config.vocab_size)  # (skipped inside the compiled graph)
+        weights = tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+        if weights != self.__dict__["_decode_weights"]:
+            if self.__dict__["_decode_weights"] is not None:
+                torch.compiler.reset()  # frozen weights are constants of the old graph
+            self.__dict__["_decode_weights"] = weights
+        return compiled
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -506,6 +557,14 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         (or ``loss_chunk_size`` is 0). In eval mode, or without labels, the logits are always returned.
         """
         _reject_unknown(kwargs, type(self).__name__ + ".forward")
+        step = self._compiled_step(
+            input_ids, _one_cache(cache, past_key_values), attention_mask, position_ids, labels, inputs_embeds,
+            use_cache, (cu_seqlens, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, seq_idx),
+            output_hidden_states,
+        )
+        if step is not None:
+            return step(input_ids=input_ids, cache=_one_cache(cache, past_key_values), use_cache=True,
+                        logits_to_keep=logits_to_keep)
         check_labels(labels, self.config.vocab_size)
         out = self.model(
             input_ids=input_ids,

@@ -79,6 +79,8 @@ class Entry:
     error: str | None = None
     #: a peer fast enough to warm up and time on every repeat (transformers' Mamba is not: one step takes minutes)
     cheap: bool = False
+    #: the zoo model's compiled decode step (``compile_decode()``), switched on only while it is timed
+    compiled_step: Callable | None = None
 
     @property
     def causal(self) -> bool:
@@ -343,6 +345,24 @@ def _round(entry: Entry, ids, prompt, dec_prompt, args, device, *, train: bool =
         t.setdefault("decode", []).append(decode(entry, dec_prompt, args.decode_tokens, device))
         if entry.zoo:
             t.setdefault("floor", []).append(decode_floor(entry.model, args.decode_tokens, device))
+        if entry.compiled_step is not None:
+            entry.model.__dict__["_decode_compiled"] = entry.compiled_step
+            try:
+                t.setdefault("decode_c", []).append(decode(entry, dec_prompt, args.decode_tokens, device))
+            finally:
+                entry.model.__dict__["_decode_compiled"] = None
+
+
+def _compile_decode(entry: Entry, args) -> None:
+    """Give a zoo model that decodes its compiled step (``compile_decode()``; not under ZOO_CPU_COMPILE=never)."""
+    from zoo.kernels._compile import compile_mode
+
+    if (not entry.zoo or not args.compile_decode or compile_mode() == "never"
+            or not all(b.mixer.has_step for b in entry.model.model.layers)):
+        return
+    entry.model.compile_decode()
+    entry.compiled_step = entry.model.__dict__["_decode_compiled"]
+    entry.model.__dict__["_decode_compiled"] = None
 
 
 def run(args) -> list[Entry]:
@@ -357,6 +377,7 @@ def run(args) -> list[Entry]:
     for e in every:  # build and warm up every model first
         try:
             e.model = e.build().to(device=device, dtype=dtype)
+            _compile_decode(e, args)  # (compiled during the warm-up's decode)
             for _ in range(args.warmup):  # (transformers' Mamba's training step is not warmed up: it takes minutes)
                 _round(e, ids, prompt, dec_prompt, args, device, train=e.zoo or e.cheap)
             e.times.clear()
@@ -398,7 +419,8 @@ def _params(model) -> str:
 def table(todo: list[Entry], args) -> tuple[list[str], list[list]]:
     header = ["model", "layers", "params", "train tok/s", "prefill tok/s", "decode tok/s", "peak train MiB",
               "state floats/seq", "peer", "peer train tok/s", "train x", "peer prefill tok/s", "prefill x",
-              "peer decode tok/s", "decode x", "decode floor tok/s", "decode x bound"]
+              "peer decode tok/s", "decode x", "decode floor tok/s", "decode x bound", "compiled decode tok/s",
+              "compiled decode x"]
     ntrain, nprefill, ndec = args.batch * args.length, args.length, args.decode_tokens
     fmt = lambda v: "-" if v is None else round(v, 1) if v < 100 else round(v)  # noqa: E731
     ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}x"  # noqa: E731
@@ -411,14 +433,16 @@ def table(todo: list[Entry], args) -> tuple[list[str], list[list]]:
         ours = [_tok_s(e, k, n) for k, n in (("train", ntrain), ("prefill", nprefill), ("decode", ndec))]
         row = [e.name, e.layers, _params(e.model), *map(fmt, ours), fmt(e.peak_mib), e.state]
         p = e.peer if e.peer is not None and e.peer.model is not None else None
+        compiled = _tok_s(e, "decode_c", ndec)
         if p is None:
-            row += ["-" if e.peer is None else f"not run: {e.peer.error}", *["-"] * 6, fmt(floor), "-"]
+            row += ["-" if e.peer is None else f"not run: {e.peer.error}", *["-"] * 6, fmt(floor), "-", fmt(compiled),
+                    "-"]
         else:
             theirs = [_tok_s(p, k, n) for k, n in (("train", ntrain), ("prefill", nprefill), ("decode", ndec))]
             row += [f"{p.name} ({_params(p.model)}, state {p.state})"]
             for a, b in zip(ours, theirs):
                 row += [fmt(b), ratio(a, b)]
-            row += [fmt(floor), ratio(floor, theirs[2])]
+            row += [fmt(floor), ratio(floor, theirs[2]), fmt(compiled), ratio(compiled, theirs[2])]
         rows.append(row)
     return header, rows
 
@@ -475,6 +499,8 @@ def main(argv: list[str] | None = None) -> list[list]:
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs of everything before the timed repeats")
     ap.add_argument("--only", nargs="+", default=None, metavar="NAME", help="only these models (mixer or config names)")
     ap.add_argument("--no-peers", action="store_true", help="skip the transformers peers")
+    ap.add_argument("--no-compile-decode", dest="compile_decode", action="store_false",
+                    help="skip the compiled-decode column (compile_decode(); also skipped under ZOO_CPU_COMPILE=never)")
     ap.add_argument("--plot", type=Path, default=None, metavar="FILE", help="also sweep --plot-lengths and write a PNG")
     ap.add_argument("--plot-lengths", type=int, nargs="+", default=None)
     ap.add_argument("--plot-batch", type=int, default=1)
@@ -512,7 +538,10 @@ def main(argv: list[str] | None = None) -> list[list]:
             "cache, so no decode), fresh weights, at matched sizes"
             + (f"; not installed here, so not compared: {', '.join(missing)}" if missing else "")
             + "; decode floor = the GEMVs alone, one per weight matrix per token (what batch-1 decoding must read; "
-            "memory-bound on a CPU), decode x bound = floor / peer decode, the most any implementation could reach"
+            "memory-bound on a CPU), decode x bound = floor / peer decode, the eager GEMVs' bound (the compiled "
+            "step's prepacked weights can pass it); compiled decode = the same loop after the zoo model's "
+            "compile_decode() (one torch.compile'd graph per step, frozen weights; the peers decode eagerly, their "
+            "default), compiled decode x = that / peer decode"
             + ("; flash-linear-attention: no row on CPU (its models and ops run Triton kernels, which need a GPU "
                "driver; scripts/bench_gpu.py compares the kernels with FLA on CUDA)" if device.type == "cpu" else
                "; flash-linear-attention: kernels compared in scripts/bench_gpu.py, not here")

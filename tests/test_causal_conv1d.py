@@ -143,13 +143,17 @@ def test_cuda_backend_equals_torch():
     assert_close(causal_conv1d(x, w, b, "silu", backend="cuda"), causal_conv1d(x, w, b, "silu", backend="torch"), tol=1e-5)
 
 
-@pytest.mark.parametrize("W,activation,with_state", [(4, "silu", True), (3, None, False)])
-def test_compiled_cpu_path_equals_reference(W, activation, with_state, monkeypatch):
+@pytest.mark.parametrize("W,activation,with_state,tiles", [(4, "silu", True, 3), (3, None, False, 1)])
+def test_compiled_cpu_path_equals_reference(W, activation, with_state, tiles, monkeypatch):
     """The torch.compile'd CPU conv (ZOO_CPU_COMPILE=always forces it at this size) against the float64 oracle:
-    output and the gradients of x, weight, bias and the initial states."""
+    output and the gradients of x, weight, bias and the initial states; also in tiles of channels (TILE_BYTES
+    lowered), as long sequences run it so that no full-size buffer is allocated per call."""
+    import zoo.kernels.conv as conv
     from zoo.kernels import _compile
 
     monkeypatch.setenv("ZOO_CPU_COMPILE", "always")
+    if tiles > 1:
+        monkeypatch.setattr(conv, "TILE_BYTES", 2 * 2 * (9 + W) * 8)  # two channels of (B 2, L 9 + W) float64
     calls = []
     real = _compile.run_compiled
     monkeypatch.setattr("zoo.kernels.conv.run_compiled", lambda op, name, *a: calls.append(name) or real(op, name, *a))
@@ -159,7 +163,7 @@ def test_compiled_cpu_path_equals_reference(W, activation, with_state, monkeypat
     h0 = torch.randn(2, 5, W - 1, dtype=F64, requires_grad=True) if with_state else None
     ref, g_ref = grads_of(causal_conv1d_ref, x, w, b, h0, activation=activation)
     got, g_got = grads_of(causal_conv1d, x, w, b, h0, activation=activation, backend="torch")
-    assert calls == ["fwd", "bwd"] and "causal_conv1d" not in _compile._failed
+    assert sorted(calls) == ["bwd"] * tiles + ["fwd"] * tiles and "causal_conv1d" not in _compile._failed
     assert_close(got, ref, what="out")
     for i, (a, r) in enumerate(zip(g_got, g_ref)):
         assert_close(a, r, what=f"grad {i}")

@@ -95,20 +95,21 @@ def _conv_torch(x, weight, bias, silu, initial_states, pos):
     size of x) exist for one tile at a time, and only the output and x's gradient are full size (fresh buffers past
     glibc's mmap threshold page-fault on every call, a per-token cost that grew with L)."""
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if pos is None and use_compiled("causal_conv1d", x, x.numel(), COMPILE_MIN_ELEMENTS, training):
-        return _CompiledConv.apply(x, weight, bias, initial_states, silu)
+    compiled = pos is None and use_compiled("causal_conv1d", x, x.numel(), COMPILE_MIN_ELEMENTS, training)
     E = x.shape[1]
     per_channel = x.shape[0] * (x.shape[-1] + weight.shape[1]) * x.element_size()
     t = max(1, TILE_BYTES // max(per_channel, 1))
     if t >= E:
-        return _conv_tile(x, weight, bias, silu, initial_states, pos)
+        return _conv_tile(x, weight, bias, silu, initial_states, pos, compiled)
     split = lambda v, dim: [None] * -(-E // t) if v is None else v.split(t, dim)  # noqa: E731
-    parts = [_conv_tile(*a, silu, s0, pos) for a, s0 in zip(zip(x.split(t, 1), weight.split(t, 0), split(bias, 0)),
-                                                          split(initial_states, 1))]
+    parts = [_conv_tile(*a, silu, s0, pos, compiled)
+             for a, s0 in zip(zip(x.split(t, 1), weight.split(t, 0), split(bias, 0)), split(initial_states, 1))]
     return torch.cat(parts, 1)
 
 
-def _conv_tile(x, weight, bias, silu, initial_states, pos):
+def _conv_tile(x, weight, bias, silu, initial_states, pos, compiled=False):
+    if compiled:  # (per tile too: its padded copy and gradients stay under TILE_BYTES)
+        return _CompiledConv.apply(x, weight, bias, initial_states, silu)
     W = weight.shape[1]
     if initial_states is None:
         xf = F.pad(x, (W - 1, 0))  # (B, E, W-1+L)

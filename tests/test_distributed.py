@@ -139,8 +139,10 @@ def test_two_processes_match_one(runs, name, mode):
                 assert a[key] == b[key]
             else:
                 # the loss curve to 1e-5; the gradient norm (a sum of squares over every parameter, reduced in a
-                # different order by DDP / FSDP2) drifts a little more over 20 Adam steps
-                rel = 1e-4 if key == "grad_norm" else 1e-5
+                # different order by DDP / FSDP2) drifts more over 20 Adam steps: measured after the tiled loss's
+                # in-place softmax (d8a7ed1) changed its rounding, retnet under FSDP2 spikes to 2.4e-4 at step 19
+                # (1e-7 to 3e-5 at the other steps, the losses within 4e-7 throughout), hence 5e-4
+                rel = 5e-4 if key == "grad_norm" else 1e-5
                 assert b[key] == pytest.approx(a[key], rel=rel, abs=1e-6), (key, a["step"])
     assert two[-2]["tokens"] == STEPS * 2 * 4 * 16  # global tokens seen (the last row is the eval)
     w1, w2 = _weights(runs / f"{name}-single" / "final"), _weights(runs / f"{name}-{mode}" / "final")

@@ -114,6 +114,27 @@ def test_zoo_generate_ids_and_prompt(trained, capsys):
     assert "--ids" in _error_line(capsys)
 
 
+def test_zoo_generate_compile_gives_the_same_tokens(trained, capsys, monkeypatch):
+    """--compile runs the decode steps through compile_decode() (the steps' logits are checked against the eager
+    ones in test_decode_step.py) and prints the same greedy continuation."""
+    from zoo.models.modeling import ZooForCausalLM
+
+    assert main(["generate", str(trained), "--ids", "1 2 3", "--max-new-tokens", "4"]) == 0
+    eager = capsys.readouterr().out.split()
+    steps = []
+    real = ZooForCausalLM._compiled_step
+
+    def spy(self, *a):
+        step = real(self, *a)
+        steps.append(step is not None)
+        return step
+
+    monkeypatch.setattr(ZooForCausalLM, "_compiled_step", spy)
+    assert main(["generate", str(trained), "--ids", "1 2 3", "--max-new-tokens", "4", "--compile"]) == 0
+    assert capsys.readouterr().out.split() == eager
+    assert steps.count(True) == 3  # every step after the prompt's (4 new tokens: the first comes from the prefill)
+
+
 def test_zoo_generate_text_with_byte_tokenizer(tmp_path, capsys):
     import zoo
 

@@ -234,6 +234,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     arg("--top-p", type=float, default=None),
     arg("--num-beams", type=int, default=1),
     arg("--seed", type=int, default=0),
+    arg("--compile", action="store_true",
+        help="run each decode step compiled (model.compile_decode()): seconds of compiling first, then faster "
+             "tokens; pays for long generations"),
 )
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate a continuation and print it."""
@@ -275,6 +278,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         gen_kwargs.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else (
         tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0)
+    if args.compile:
+        model.compile_decode()
     with torch.no_grad():
         out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), pad_token_id=pad, **gen_kwargs)
     new = out[0, input_ids.shape[1]:].tolist()

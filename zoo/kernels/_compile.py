@@ -9,8 +9,9 @@ there itself). Inference (a prefill, ``generate``) stays eager by default: a one
 compile.
 
 ``ZOO_CPU_COMPILE``: ``auto`` (the default: training at the size thresholds), ``always`` (any size, inference too:
-the tests' setting, or a server that prefills many prompts), ``never`` (the eager loops only). A compile that fails (no C++ compiler, an unsupported build) warns once and that
-kernel falls back to its eager loops for the rest of the process.
+the tests' setting, or a server that prefills many prompts), ``never`` (the eager loops only). A compile that fails
+(no C++ compiler, an unsupported build) warns once and that kernel falls back to its eager loops for the rest of
+the process.
 """
 
 from __future__ import annotations

@@ -32,13 +32,18 @@ def _check_weight(weight: torch.Tensor, E: int, bias: torch.Tensor | None, activ
 COMPILE_MIN_ELEMENTS = 1 << 20
 
 
-def _conv_fwd(xf, w, b, silu: bool):
-    """``silu(b + sum_k w_k xf[t + k])`` over the padded input ``xf (B, E, L + W - 1)``: the taps unrolled."""
+def _taps(xf, w, b):
+    """``b + sum_k w_k xf[t + k]`` over the padded input ``xf (B, E, L + W - 1)``: the taps unrolled."""
     W = w.shape[1]
     L = xf.shape[-1] - W + 1
     out = b[:, None] + w[:, 0, None] * xf[..., :L]
     for k in range(1, W):
         out = out + w[:, k, None] * xf[..., k : k + L]
+    return out
+
+
+def _conv_fwd(xf, w, b, silu: bool):
+    out = _taps(xf, w, b)
     return F.silu(out) if silu else out
 
 
@@ -48,9 +53,7 @@ def _conv_bwd(xf, w, b, gy, silu: bool):
     W, L = w.shape[1], gy.shape[-1]
     g = gy
     if silu:
-        pre = b[:, None] + w[:, 0, None] * xf[..., :L]
-        for k in range(1, W):
-            pre = pre + w[:, k, None] * xf[..., k : k + L]
+        pre = _taps(xf, w, b)
         s = torch.sigmoid(pre)
         g = gy * s * (1 + pre * (1 - s))
     gp = F.pad(g, (W - 1, W - 1))
